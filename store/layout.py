@@ -1,0 +1,232 @@
+"""The on-disk layout of a run: paths, names, chunking and the Zarr v3 bytes we write.
+
+A run directory is a Zarr v3 hierarchy::
+
+    RUN/zarr.json                         root group; attrs["gap"] = provenance + run spec
+    RUN/parts/zarr.json                   group of writer parts
+    RUN/parts/shard-0001-of-0004/         one group per writer (``--shard I/N``); only it writes here
+        zarr.json                         attrs["gap"] = shard, n_shards
+        hidden/                           (layer, token, hidden_dim); shard = (all layers, B tokens)
+        tokens/                           (token, 4) int32: input_id, position, flags, sample_index
+        commits.jsonl                     the commit log: one line per committed segment
+        writer.lock                       flock held by the live writer
+
+Tokens of a part are appended in *segments*.  A segment starts at a block boundary (B tokens, the
+token extent of one hidden shard), its blocks are written whole (so no shard file holding committed
+data is ever rewritten), and it becomes visible only when its line is appended to
+``commits.jsonl`` (the commit marker, written last).  Tokens between a segment's ``stop`` and its
+block-aligned ``end`` are padding and never appear in the xarray view.
+
+Everything here is pure: no threads, no locks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PARTS = "parts"
+HIDDEN = "hidden"
+TOKENS = "tokens"
+COMMITS = "commits.jsonl"
+LOCK = "writer.lock"
+TOKEN_COLUMNS = ("input_id", "position", "flags", "sample_index")
+ENCODINGS = {"bfloat16": "uint16", "float32": "float32", "float16": "float16"}
+TARGET_CHUNK_BYTES = 2 << 20  # inner chunk (1 layer x B tokens): >= 1 MB for analysis reads
+EMPTY = np.uint64(2**64 - 1)
+
+
+def part_name(shard: int, n_shards: int) -> str:
+    """``shard-0001-of-0004`` for ``--shard 1/4``.
+
+    >>> part_name(1, 4)
+    'shard-0001-of-0004'
+    """
+    return f"shard-{shard:04d}-of-{n_shards:04d}"
+
+
+def parse_part_name(name: str) -> tuple[int, int] | None:
+    """Inverse of :func:`part_name`; None for other names."""
+    bits = name.split("-")
+    if len(bits) != 4 or bits[0] != "shard" or bits[2] != "of":
+        return None
+    try:
+        return int(bits[1]), int(bits[3])
+    except ValueError:
+        return None
+
+
+def part_dir(run: Path, shard: int, n_shards: int) -> Path:
+    return Path(run) / PARTS / part_name(shard, n_shards)
+
+
+def block_tokens_for(hidden_size: int, itemsize: int) -> int:
+    """Tokens per block, a power of two making one layer's inner chunk about 2 MB (64..1024).
+
+    >>> block_tokens_for(2048, 2)
+    512
+    """
+    ideal = TARGET_CHUNK_BYTES / max(1, hidden_size * itemsize)
+    return int(min(1024, max(64, 2 ** round(math.log2(ideal)))))
+
+
+def group_metadata(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+
+
+def hidden_metadata(n_layers: int, n_tokens: int, hidden_size: int, encoding: str, block: int,
+                    compression: str = "none") -> dict[str, Any]:
+    """Zarr v3 metadata of the hidden array: shards of (all layers, block, hidden), inner chunks per layer."""
+    inner: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression == "zstd":
+        inner.append({"name": "zstd", "configuration": {"level": 1, "checksum": False}})
+    elif compression != "none":
+        raise ValueError(f"unknown compression {compression!r} (none | zstd)")
+    return {
+        "zarr_format": 3, "node_type": "array",
+        "shape": [n_layers, n_tokens, hidden_size],
+        "data_type": ENCODINGS[encoding],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [n_layers, block, hidden_size]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [1, block, hidden_size],
+            "codecs": inner,
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            "index_location": "end"}}],
+        "attributes": {"gap_encoding": encoding},
+        "dimension_names": ["layer", "token", "hidden_dim"],
+        "storage_transformers": [],
+    }
+
+
+def tokens_metadata(n_tokens: int, block: int) -> dict[str, Any]:
+    """Zarr v3 metadata of the per-token int32 table (token, 4), one chunk per block."""
+    return {
+        "zarr_format": 3, "node_type": "array",
+        "shape": [n_tokens, len(TOKEN_COLUMNS)],
+        "data_type": "int32",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [block, len(TOKEN_COLUMNS)]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": -1,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "attributes": {"columns": list(TOKEN_COLUMNS)},
+        "dimension_names": ["token", "column"],
+        "storage_transformers": [],
+    }
+
+
+def hidden_chunk_key(block_index: int) -> str:
+    return f"c/0/{block_index}/0"
+
+
+def tokens_chunk_key(block_index: int) -> str:
+    return f"c/{block_index}/0"
+
+
+def encode_hidden_shard(block: np.ndarray, compression: str = "none") -> list[bytes | memoryview]:
+    """Bytes of one hidden shard file for ``block`` of shape (layers, B, hidden).
+
+    Uncompressed, the inner chunks (one per layer, C order) are exactly the block's own bytes, so
+    the shard is the block followed by its index: writing it costs what a raw write costs.
+    """
+    import google_crc32c
+
+    block = np.ascontiguousarray(block)
+    n_layers = block.shape[0]
+    if compression == "none":
+        pieces: list[bytes | memoryview] = [memoryview(block).cast("B")]
+        size = block[0].nbytes
+        offsets = np.arange(n_layers, dtype=np.uint64) * np.uint64(size)
+        sizes = np.full(n_layers, size, np.uint64)
+    else:
+        import numcodecs
+
+        codec = numcodecs.Zstd(level=1)
+        pieces = [codec.encode(np.ascontiguousarray(block[i]).view(np.uint8)) for i in range(n_layers)]
+        sizes = np.array([len(p) for p in pieces], np.uint64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
+    index = np.stack([offsets, sizes], axis=1).astype("<u8").tobytes()
+    crc = google_crc32c.value(index).to_bytes(4, "little")
+    return [*pieces, index + crc]
+
+
+def atomic_write(path: Path, pieces: list[bytes | memoryview] | bytes, fsync: bool = False) -> None:
+    """Write a file so that readers see the old version or the new one, never a torn one."""
+    if isinstance(pieces, (bytes, bytearray, memoryview)):
+        pieces = [pieces]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(fd, "wb", closefd=True) as fh:
+            for piece in pieces:
+                fh.write(piece)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=1).encode())
+
+
+def create_json_exclusive(path: Path, obj: Any) -> bool:
+    """Create ``path`` with ``obj`` unless it exists (atomic across processes). True if created."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.new{os.getpid()}")
+    tmp.write_bytes(json.dumps(obj, indent=1).encode())
+    try:
+        os.link(tmp, path)  # fails if another writer created it first
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def json_roundtrip(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), for comparisons with stored attrs."""
+    return json.loads(json.dumps(obj))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def set_array_length(array_dir: Path, axis: int, length: int) -> None:
+    """Set an array's extent along ``axis`` by rewriting its zarr.json atomically."""
+    meta = read_json(Path(array_dir) / "zarr.json")
+    meta["shape"][axis] = int(length)
+    write_json(Path(array_dir) / "zarr.json", meta)
+
+
+def parse_commit_log(text: str) -> tuple[list[dict[str, Any]], int]:
+    """Complete commit lines of a log, and the byte length they span.
+
+    A writer killed while appending leaves a partial last line (no newline); it is not a commit.
+    """
+    commits = []
+    good = 0
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            commits.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good += len(line.encode())
+    return commits, good
+
+
+def encode_commit(commit: dict[str, Any]) -> bytes:
+    return (json.dumps(commit, separators=(",", ":"), allow_nan=True) + "\n").encode()

@@ -1,0 +1,177 @@
+"""The read-only xarray view of a run: all shards merged lazily, padding and uncommitted data hidden.
+
+Samples are ordered by their row in the configured selection (``sample_index``) and tokens by
+sample, so a run's view does not depend on how many shards wrote it or how often it resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from schemas.run import TOKEN_FLAG_ANSWER, TOKEN_FLAG_TEXT, TOKEN_FLAG_VISUAL, VARIABLES, sample_variables
+from store import layout
+from store.encoding import decode_hidden, decode_values
+from store.reader import PartState, RunState, read_run
+
+log = logging.getLogger("gap.store")
+
+TARGET_DASK_CHUNK_BYTES = 64 << 20
+RECORD_FIELDS = ("sample_id", "question", "answer", "subset", "status", "error", "n_tokens", "n_visual")
+
+
+def committed_samples(state: RunState) -> list[tuple[PartState, dict[str, Any]]]:
+    """Every committed sample once, ordered by ``index`` (a duplicate keeps its first copy)."""
+    seen: dict[int, tuple[PartState, dict[str, Any]]] = {}
+    for part in state.parts:
+        for meta in part.samples:
+            if meta["index"] in seen:
+                log.warning("sample %s committed twice (%s and %s); using the first", meta["sample_id"],
+                            seen[meta["index"]][0].path.name, part.path.name)
+                continue
+            seen[meta["index"]] = (part, meta)
+    return [seen[k] for k in sorted(seen)]
+
+
+def _token_ranges(samples: list[tuple[PartState, dict[str, Any]]]) -> list[tuple[PartState, int, int]]:
+    """(part, start, stop) token ranges in view order, adjacent ranges of one part merged."""
+    ranges: list[tuple[PartState, int, int]] = []
+    for part, meta in samples:
+        n = meta["n_tokens"]
+        if not n:
+            continue
+        start = meta["offset"]
+        if ranges and ranges[-1][0] is part and ranges[-1][2] == start:
+            ranges[-1] = (part, ranges[-1][1], start + n)
+        else:
+            ranges.append((part, start, start + n))
+    return ranges
+
+
+def _read_tokens(part: PartState) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_array(part.path / layout.TOKENS, mode="r")[: part.end])
+
+
+def _hidden_dask(state: RunState, ranges: list[tuple[PartState, int, int]], chunks: int | None):
+    import dask.array as da
+    import zarr
+
+    hidden = state.hidden
+    encoding, size, block = hidden["encoding"], hidden["hidden_size"], hidden["block_tokens"]
+    n_layers = len(hidden["layers"])
+    if chunks is None:
+        chunks = max(1, TARGET_DASK_CHUNK_BYTES // (block * size * 4)) * block
+    arrays: dict[Path, Any] = {}
+    pieces = []
+    for part, start, stop in ranges:
+        if part.path not in arrays:
+            z = zarr.open_array(part.path / layout.HIDDEN, mode="r")
+            arrays[part.path] = da.from_zarr(z, chunks=(1, chunks, size))
+        pieces.append(arrays[part.path][:, start:stop])
+    if not pieces:
+        storage = layout.ENCODINGS[encoding]
+        return da.zeros((n_layers, 0, size), dtype=np.float32), storage
+    stacked = da.concatenate(pieces, axis=1)
+    return stacked.map_blocks(decode_hidden, encoding, dtype=np.float32), encoding
+
+
+def open_run(run: str | Path, chunks: int | None = None):
+    """Open a run as a lazy :class:`xarray.Dataset` over every committed sample of every shard.
+
+    Parameters
+    ----------
+    run : path of the run directory.
+    chunks : tokens per Dask chunk of ``hidden`` (default: whole hidden shards, ~64 MB per chunk).
+
+    Examples
+    --------
+    >>> ds = open_run("runs/r1")                                       # doctest: +SKIP
+    >>> vis = ds.hidden.sel(layer=10).where(ds.is_visual, drop=True)   # doctest: +SKIP
+    """
+    import xarray as xr
+
+    state = read_run(run)
+    samples = committed_samples(state)
+    coords_spec = state.coords
+    n = len(samples)
+
+    data: dict[str, Any] = {}
+    sample_index = np.array([m["index"] for _, m in samples], np.int64)
+    for name in RECORD_FIELDS:
+        var = VARIABLES[name]
+        values = [m.get(name, var.fill) for _, m in samples]
+        data[name] = (("sample",), np.array(values, dtype=str if var.dtype == "str" else var.dtype))
+    data["answers"] = (("sample",), np.array([json.dumps(m.get("answers", [])) for _, m in samples], dtype=str))
+    for var in sample_variables():
+        if var.name in data or var.name == "sample_index":
+            continue
+        items = [m.get("values", {}).get(var.name) for _, m in samples]
+        if var.dims[1:] and not all(coords_spec.get(d) for d in var.dims[1:]):
+            continue  # this run did not configure the dimension (e.g. no causal methods)
+        data[var.name] = (var.dims, decode_values(var.name, items, coords_spec))
+
+    # per-token coordinates, ordered by sample
+    ranges = _token_ranges(samples)
+    tables = {p.path: _read_tokens(p) for p in {id(p): p for p, _, _ in ranges}.values()}
+    table = (np.concatenate([tables[p.path][a:b] for p, a, b in ranges]) if ranges
+             else np.zeros((0, len(layout.TOKEN_COLUMNS)), np.int32))
+    position_of = {int(k): i for i, k in enumerate(sample_index)}
+    token_sample = np.array([position_of[int(k)] for k in table[:, 3]], np.int64)
+    flags = table[:, 2]
+    n_tok = np.array([m["n_tokens"] for _, m in samples], np.int64)
+    token_start = np.concatenate([[0], np.cumsum(n_tok)[:-1]]).astype(np.int64) if n else n_tok
+
+    coords: dict[str, Any] = {
+        "sample_id": (("sample",), data.pop("sample_id")[1]),
+        "sample_index": (("sample",), sample_index),
+        "token_start": (("sample",), token_start),
+        "token_sample": (("token",), token_sample),
+        "input_ids": (("token",), table[:, 0].astype(np.int32)),
+        "position": (("token",), table[:, 1].astype(np.int32)),
+        "is_visual": (("token",), (flags & TOKEN_FLAG_VISUAL).astype(bool)),
+        "is_text": (("token",), (flags & TOKEN_FLAG_TEXT).astype(bool)),
+        "is_answer": (("token",), (flags & TOKEN_FLAG_ANSWER).astype(bool)),
+    }
+    for dim in ("method", "channel", "trunc_layer", "mode"):
+        if coords_spec.get(dim):
+            coords[dim] = coords_spec[dim]
+    ds = xr.Dataset(data, coords={**coords, **({"layer": coords_spec["layer"]} if coords_spec.get("layer") else {})})
+
+    if state.hidden["layers"]:
+        hidden, _ = _hidden_dask(state, ranges, chunks)
+        hidden_ds = xr.Dataset({"hidden": (("layer", "token", "hidden_dim"), hidden)},
+                               coords={"layer": state.hidden["layers"]})
+        ds = xr.merge([ds, hidden_ds], join="outer", compat="no_conflicts", combine_attrs="drop_conflicts")
+    ds.attrs.update(_attrs(state, n))
+    return ds
+
+
+def _attrs(state: RunState, n_committed: int) -> dict[str, Any]:
+    attrs = state.attrs
+    model = attrs.get("model", {})
+    prov = attrs.get("provenance", {})
+    return {
+        "model_path": str(model.get("path")),
+        "model_revision": str(model.get("revision")),
+        "model_family": str(model.get("family")),
+        "dtype": str(model.get("dtype")),
+        "trust_remote_code": int(bool(model.get("trust_remote_code"))),
+        "hidden_encoding": attrs["hidden"]["encoding"],
+        "gap_version": str(prov.get("gap_version")),
+        "git_commit": str(prov.get("git_commit")),
+        "libraries": json.dumps(prov.get("libraries", {})),
+        "created": str(prov.get("created")),
+        "config_yaml": attrs.get("config_yaml", ""),
+        "model_info": json.dumps(model),
+        "n_shards": int(attrs.get("n_shards", 0)),
+        "n_total": int(attrs.get("n_total", 0)),
+        "n_committed": n_committed,
+        "complete": int(n_committed >= attrs.get("n_total", 0)),
+        "updated": max((c["time"] for p in state.parts for c in p.commits), default=""),
+    }

@@ -1,0 +1,413 @@
+"""Writing one shard of a run: a background thread, bounded memory, commit marker last.
+
+One :class:`RunWriter` owns one part (``--shard I/N``) and holds an exclusive lock on it, so two
+processes never write the same files.  Records arrive through a bounded queue; the thread packs
+their tokens into blocks, writes each block's shard file whole (atomic rename), and commits a
+segment by appending one line to ``commits.jsonl`` after its data.  A writer killed at any instant
+therefore leaves whole committed samples and, at most, uncommitted blocks that ``resume`` removes.
+
+Examples
+--------
+>>> from schemas.config import config_from_dict
+>>> import tempfile
+>>> cfg = config_from_dict({"model": {"path": "/m"}})
+>>> spec = RunSpec(config=cfg, model_info={"family": "toy"}, layers=[0], hidden_size=4,
+...                hidden_encoding="float32", n_total=1)
+>>> run = tempfile.mkdtemp() + "/run"
+>>> with RunWriter(run, spec) as w:
+...     w.put(SampleRecord(index=0, sample_id="toy/0", input_ids=np.arange(3, dtype=np.int32),
+...                        hidden=np.ones((1, 3, 4), np.float32)))
+>>> sorted(RunWriter.committed_in(run, 0, 1))
+[0]
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from schemas.config import Config, config_to_yaml, first_difference, invariant_view
+from schemas.errors import GapError
+from schemas.run import SCHEMA_VERSION, STATUS_OK, SampleRecord
+from store import layout
+from store.encoding import encode_value, to_float16
+
+log = logging.getLogger("gap.store")
+
+LIBRARIES = ("torch", "transformers", "nnsight", "accelerate", "numpy", "zarr", "xarray", "dask")
+
+
+@dataclass
+class RunSpec:
+    """What a run measures: shared by every writer of the run and checked on every open."""
+
+    config: Config
+    model_info: dict[str, Any]
+    layers: list[int]  # captured layers: hidden's `layer` coordinate ([] when activations are off)
+    hidden_size: int
+    hidden_encoding: str = "bfloat16"
+    coords: dict[str, list[Any]] = field(default_factory=dict)
+    n_total: int = 0  # rows in the configured selection (all shards)
+    block_tokens: int | None = None  # tokens per hidden shard; default sizes inner chunks ~2 MB
+    compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.hidden_encoding not in layout.ENCODINGS:
+            raise ValueError(f"hidden_encoding must be one of {sorted(layout.ENCODINGS)}")
+        for dim in ("layer", "method", "channel", "trunc_layer", "mode"):
+            self.coords.setdefault(dim, [])
+        if self.block_tokens is None:
+            itemsize = np.dtype(layout.ENCODINGS[self.hidden_encoding]).itemsize
+            self.block_tokens = layout.block_tokens_for(self.hidden_size, itemsize)
+
+    def attrs(self) -> dict[str, Any]:
+        """The run-invariant description stored in the root group."""
+        cfg = self.config
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "config": invariant_view(cfg),
+            "config_yaml": config_to_yaml(cfg),
+            "model": {"path": cfg.model.path, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
+                      "trust_remote_code": cfg.model.trust_remote_code, **self.model_info},
+            "hidden": {"layers": list(self.layers), "hidden_size": self.hidden_size,
+                       "encoding": self.hidden_encoding, "block_tokens": self.block_tokens,
+                       "compression": self.compression},
+            "coords": self.coords,
+            "n_total": self.n_total,
+        }
+
+
+def provenance() -> dict[str, Any]:
+    """Where and with what a run was made (not compared between writers)."""
+    libs = {}
+    for name in LIBRARIES:
+        try:
+            libs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        version = metadata.version("gap")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"gap_version": version, "git_commit": commit, "libraries": libs,
+            "created": _now(), "host": socket.gethostname()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _comparable(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if k not in ("config_yaml", "provenance", "n_shards")}
+
+
+def ensure_run(run: Path, spec: RunSpec, n_shards: int) -> dict[str, Any]:
+    """Create the run's root group, or check that an existing run measures the same thing."""
+    run = Path(run)
+    try:
+        if run.exists() and any(run.iterdir()) and not (run / "zarr.json").exists():
+            raise GapError(f"{run} exists and is not a gap run (no zarr.json); choose another --out")
+        (run / layout.PARTS).mkdir(parents=True, exist_ok=True)
+        attrs = {**spec.attrs(), "n_shards": n_shards, "provenance": provenance()}
+        layout.create_json_exclusive(run / "zarr.json", layout.group_metadata({"gap": attrs}))
+        layout.create_json_exclusive(run / layout.PARTS / "zarr.json", layout.group_metadata({}))
+    except PermissionError:
+        raise GapError(f"cannot write to {run}: permission denied (read-only path?)") from None
+    stored = layout.read_json(run / "zarr.json").get("attributes", {}).get("gap")
+    if stored is None:
+        raise GapError(f"{run} is a Zarr group but not a gap run (no 'gap' attrs)")
+    diff = first_difference(_comparable(stored), _comparable(layout.json_roundtrip(spec.attrs())))
+    if diff:
+        raise GapError(f"{run} was made with a different model or config: '{diff}' differs; "
+                       "use another --out or the same config")
+    if stored.get("n_shards") != n_shards:
+        raise GapError(f"{run} was started with {stored.get('n_shards')} shards, not {n_shards}")
+    return stored
+
+
+class RunWriter:
+    """Write one shard of a run from a background thread (see the module docstring)."""
+
+    def __init__(self, run: str | Path, spec: RunSpec, shard: tuple[int, int] = (0, 1),
+                 resume: bool = False, queue_size: int = 2, segment_tokens: int | None = None,
+                 commit_seconds: float = 60.0) -> None:
+        self.run = Path(run)
+        self.spec = spec
+        self.shard, self.n_shards = shard
+        self.block = int(spec.block_tokens or 0)
+        self.segment_tokens = segment_tokens or 16 * self.block
+        self.commit_seconds = commit_seconds
+        ensure_run(self.run, spec, self.n_shards)
+        self.dir = layout.part_dir(self.run, self.shard, self.n_shards)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fh = self._lock()
+        layout.create_json_exclusive(self.dir / "zarr.json", layout.group_metadata(
+            {"gap": {"shard": self.shard, "n_shards": self.n_shards}}))
+        commits = self._recover(resume)
+        self.committed: set[int] = {s["index"] for c in commits for s in c["samples"]}
+        self.n_committed_segments = len(commits)
+        self._cursor = commits[-1]["end"] if commits else 0  # next block-aligned token offset
+        self._ensure_arrays()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self.bytes_written = 0
+        self._thread = threading.Thread(target=self._consume, name=f"gap-writer-{self.shard}", daemon=True)
+        self._thread.start()
+
+    # -- public ---------------------------------------------------------------------------------
+    @staticmethod
+    def committed_in(run: str | Path, shard: int, n_shards: int) -> set[int]:
+        """Sample indices committed in one part (reading only)."""
+        path = layout.part_dir(Path(run), shard, n_shards) / layout.COMMITS
+        if not path.exists():
+            return set()
+        commits, _ = layout.parse_commit_log(path.read_text())
+        return {s["index"] for c in commits for s in c["samples"]}
+
+    def put(self, record: SampleRecord) -> None:
+        """Queue one record for writing (blocks while the queue is full)."""
+        self._raise_if_failed()
+        item = self._prepare(record)
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def close(self) -> None:
+        """Flush, commit what is pending, stop the thread, release the lock; re-raise its error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        try:
+            self._raise_if_failed()
+        finally:
+            if self._lock_fh is not None:
+                self._lock_fh.close()
+                self._lock_fh = None
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _lock(self):
+        fh = open(self.dir / layout.LOCK, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise GapError(f"shard {self.shard}/{self.n_shards} of {self.run} is being written by "
+                           f"{holder}; two writers may not share a shard") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        return fh
+
+    def _recover(self, resume: bool) -> list[dict[str, Any]]:
+        """Read the commit log; with resume, drop a torn last line and uncommitted blocks."""
+        path = self.dir / layout.COMMITS
+        text = path.read_text() if path.exists() else ""
+        commits, good = layout.parse_commit_log(text)
+        if commits and not resume:
+            n = sum(len(c["samples"]) for c in commits)
+            raise GapError(f"shard {self.shard}/{self.n_shards} of {self.run} already has {n} committed "
+                           "samples; pass --resume to continue it")
+        if good != len(text.encode()):
+            with open(path, "r+b") as fh:
+                fh.truncate(good)
+        end = commits[-1]["end"] if commits else 0
+        for name, key in ((layout.HIDDEN, 1), (layout.TOKENS, 0)):
+            self._drop_blocks_from(self.dir / name, end // self.block if self.block else 0, key)
+        return commits
+
+    def _drop_blocks_from(self, array_dir: Path, first_block: int, axis: int) -> None:
+        if not (array_dir / "zarr.json").exists():
+            return
+        chunk_root = array_dir / "c"
+        base = chunk_root / "0" if axis == 1 else chunk_root
+        if base.exists():
+            for child in base.iterdir():
+                if child.name.isdigit() and int(child.name) >= first_block:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        layout.set_array_length(array_dir, axis, first_block * self.block)
+
+    def _ensure_arrays(self) -> None:
+        spec = self.spec
+        if spec.layers and not (self.dir / layout.HIDDEN / "zarr.json").exists():
+            (self.dir / layout.HIDDEN).mkdir(exist_ok=True)
+            layout.write_json(self.dir / layout.HIDDEN / "zarr.json", layout.hidden_metadata(
+                len(spec.layers), 0, spec.hidden_size, spec.hidden_encoding, self.block, spec.compression))
+        if not (self.dir / layout.TOKENS / "zarr.json").exists():
+            (self.dir / layout.TOKENS).mkdir(exist_ok=True)
+            layout.write_json(self.dir / layout.TOKENS / "zarr.json", layout.tokens_metadata(0, self.block))
+
+    # -- producer side --------------------------------------------------------------------------
+    def _prepare(self, record: SampleRecord) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+        spec = self.spec
+        n = record.n_tokens
+        hidden = record.hidden
+        values = dict(record.values)
+        if record.status == STATUS_OK and spec.layers:
+            if hidden is None:
+                raise ValueError(f"sample {record.sample_id}: status ok but no hidden states")
+            expect = (len(spec.layers), n, spec.hidden_size)
+            if hidden.shape != expect:
+                raise ValueError(f"sample {record.sample_id}: hidden shape {hidden.shape} != {expect}")
+            if spec.hidden_encoding == "float16" and hidden.dtype != np.float16:
+                hidden, values["fp16_overflow"] = to_float16(hidden)
+            storage = np.dtype(layout.ENCODINGS[spec.hidden_encoding])
+            if hidden.dtype != storage:
+                raise ValueError(f"sample {record.sample_id}: hidden dtype {hidden.dtype} != {storage} "
+                                 f"({spec.hidden_encoding} encoding)")
+        elif record.status != STATUS_OK:
+            hidden, n = None, 0  # failed samples keep their record, not their tokens
+        tokens = None
+        if n:
+            cols = [record.input_ids,
+                    record.position if record.position is not None else np.arange(n),
+                    record.token_flags(), np.full(n, record.index)]
+            tokens = np.stack([np.asarray(c, np.int64) for c in cols], axis=1).astype(np.int32)
+        encoded = {k: encode_value(k, v, spec.coords) for k, v in values.items()}
+        meta = {"index": int(record.index), "sample_id": record.sample_id, "question": record.question,
+                "answer": record.answer, "answers": list(record.answers), "subset": record.subset,
+                "status": record.status, "error": record.error, "n_tokens": int(n),
+                "n_visual": int(np.count_nonzero(record.is_visual)) if record.is_visual is not None and n else 0,
+                "values": encoded}
+        return meta, tokens, hidden
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err = self._error
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise GapError(f"disk full while writing {self.dir}; committed samples are intact, "
+                               "free space and rerun with --resume") from err
+            if isinstance(err, GapError):
+                raise err
+            raise GapError(f"writer for {self.dir} failed: {err!r}") from err
+
+    # -- writer thread --------------------------------------------------------------------------
+    def _consume(self) -> None:
+        seg_samples: list[dict[str, Any]] = []
+        pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # tokens not yet written as a block
+        state = {"start": self._cursor, "filled": self._cursor, "t0": time.monotonic()}
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=1.0)
+                except queue.Empty:
+                    item = ...
+                if item is None:
+                    break
+                if item is not ...:
+                    meta, tokens, hidden = item
+                    meta["offset"] = state["filled"] + sum(len(t) for t, _ in pending)
+                    seg_samples.append(meta)
+                    if tokens is not None:
+                        pending.append((tokens, hidden))
+                        self._write_full_blocks(pending, state)
+                seg_len = state["filled"] + sum(len(t) for t, _ in pending) - state["start"]
+                if seg_samples and (seg_len >= self.segment_tokens
+                                    or time.monotonic() - state["t0"] >= self.commit_seconds):
+                    self._commit(seg_samples, pending, state)
+                    seg_samples, pending = [], []
+            if seg_samples:
+                self._commit(seg_samples, pending, state)
+        except BaseException as exc:  # surfaced to the producer by put()/close()
+            self._error = exc
+            log.error("writer for %s stopped: %r", self.dir, exc)
+            while True:  # keep the producer from blocking on a full queue
+                try:
+                    if self._queue.get(timeout=0.1) is None:
+                        break
+                except queue.Empty:
+                    if not threading.main_thread().is_alive():
+                        break
+
+    def _write_full_blocks(self, pending: list, state: dict[str, Any], pad: bool = False) -> None:
+        while pending and (sum(len(t) for t, _ in pending) >= self.block or pad):
+            tokens, hidden = self._take_block(pending)
+            self._write_block(state["filled"] // self.block, tokens, hidden)
+            state["filled"] += self.block
+
+    def _take_block(self, pending: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pop up to one block of tokens from the front of ``pending``, padded to the block size."""
+        b = self.block
+        tok_parts, hid_parts, got = [], [], 0
+        while pending and got < b:
+            tokens, hidden = pending[0]
+            take = min(b - got, len(tokens))
+            tok_parts.append(tokens[:take])
+            if hidden is not None:
+                hid_parts.append(hidden[:, :take])
+            if take == len(tokens):
+                pending.pop(0)
+            else:
+                pending[0] = (tokens[take:], hidden[:, take:] if hidden is not None else None)
+            got += take
+        tokens = np.full((b, len(layout.TOKEN_COLUMNS)), -1, np.int32)
+        tokens[:got] = np.concatenate(tok_parts)
+        hidden = None
+        if self.spec.layers:
+            storage = np.dtype(layout.ENCODINGS[self.spec.hidden_encoding])
+            hidden = np.zeros((len(self.spec.layers), b, self.spec.hidden_size), storage)
+            if len(hid_parts) == 1:
+                hidden[:, :got] = hid_parts[0]
+            elif hid_parts:
+                hidden[:, :got] = np.concatenate(hid_parts, axis=1)
+        return tokens, hidden
+
+    def _write_block(self, block_index: int, tokens: np.ndarray, hidden: np.ndarray | None) -> None:
+        if hidden is not None:
+            path = self.dir / layout.HIDDEN / layout.hidden_chunk_key(block_index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pieces = layout.encode_hidden_shard(hidden, self.spec.compression)
+            layout.atomic_write(path, pieces)
+            self.bytes_written += sum(len(p) for p in pieces)
+        path = self.dir / layout.TOKENS / layout.tokens_chunk_key(block_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        layout.atomic_write(path, tokens.astype("<i4").tobytes())
+
+    def _commit(self, samples: list[dict[str, Any]], pending: list, state: dict[str, Any]) -> None:
+        stop = state["filled"] + sum(len(t) for t, _ in pending)
+        self._write_full_blocks(pending, state, pad=True)
+        end = state["filled"]
+        for name, axis in ((layout.HIDDEN, 1), (layout.TOKENS, 0)):
+            if (self.dir / name / "zarr.json").exists():
+                layout.set_array_length(self.dir / name, axis, end)
+        commit = {"segment": self.n_committed_segments, "start": state["start"], "stop": stop,
+                  "end": end, "time": _now(), "samples": samples}
+        with open(self.dir / layout.COMMITS, "ab") as fh:
+            fh.write(layout.encode_commit(commit))
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.n_committed_segments += 1
+        self.committed.update(s["index"] for s in samples)
+        state.update(start=end, filled=end, t0=time.monotonic())
+        log.debug("committed segment %d (%d samples) of %s", commit["segment"], len(samples), self.dir)
