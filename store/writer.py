@@ -125,14 +125,19 @@ def ensure_run(run: Path, spec: RunSpec, n_shards: int) -> dict[str, Any]:
     """Create the run's root group, or check that an existing run measures the same thing."""
     run = Path(run)
     try:
-        if run.exists() and any(run.iterdir()) and not (run / "zarr.json").exists():
+        # Leftovers of our own atomic writes start with a dot; anything else means a foreign directory.
+        if run.exists() and not (run / "zarr.json").exists() and any(
+                not p.name.startswith(".") for p in run.iterdir()):
             raise GapError(f"{run} exists and is not a gap run (no zarr.json); choose another --out")
-        (run / layout.PARTS).mkdir(parents=True, exist_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
         attrs = {**spec.attrs(), "n_shards": n_shards, "provenance": provenance()}
         layout.create_json_exclusive(run / "zarr.json", layout.group_metadata({"gap": attrs}))
+        (run / layout.PARTS).mkdir(exist_ok=True)
         layout.create_json_exclusive(run / layout.PARTS / "zarr.json", layout.group_metadata({}))
-    except PermissionError:
-        raise GapError(f"cannot write to {run}: permission denied (read-only path?)") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise GapError(f"cannot write to {run}: {os.strerror(exc.errno).lower()} (read-only path?)") from None
     stored = layout.read_json(run / "zarr.json").get("attributes", {}).get("gap")
     if stored is None:
         raise GapError(f"{run} is a Zarr group but not a gap run (no 'gap' attrs)")

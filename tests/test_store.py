@@ -1,0 +1,320 @@
+"""The run store: exact round trips, kill -9 + resume, concurrent shards, damage and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from schemas.errors import GapError
+from schemas.run import shard_indices
+from store import layout
+from store.encoding import bf16_bits_to_float32
+from store.inspect import run_info, verify_run
+from store.view import open_run
+from store.writer import RunWriter
+from storekit import COORDS, make_record, make_spec, write_shard
+
+HERE = Path(__file__).parent
+PY = sys.executable
+
+
+def _expected_hidden(record, encoding):
+    if encoding == "bfloat16":
+        return bf16_bits_to_float32(record.hidden)
+    return record.hidden.astype(np.float32)
+
+
+def _assert_same_run(a, b):
+    assert set(a.variables) == set(b.variables)
+    for name in a.variables:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+@pytest.mark.parametrize("encoding", ["bfloat16", "float32", "float16"])
+def test_round_trip_every_variable(tmp_path, encoding):
+    spec = make_spec(encoding, n_total=12)
+    records = [make_record(i, spec, fail_every=5) for i in range(12)]
+    with RunWriter(tmp_path / "run", spec, segment_tokens=12) as w:
+        for r in reversed(records):  # commit order must not matter
+            w.put(r)
+    ds = open_run(tmp_path / "run")
+    assert list(ds.sample_index.values) == list(range(12))
+    for k, r in enumerate(records):
+        assert ds.sample_id.values[k] == r.sample_id and ds.status.values[k] == r.status
+        assert ds.question.values[k] == r.question and json.loads(ds.answers.values[k]) == r.answers
+        if r.status != "ok":
+            assert ds.error.values[k] == r.error and ds.n_tokens.values[k] == 0
+            assert np.isnan(ds.logp_clean.values[k])
+            continue
+        sel = ds.isel(token=slice(int(ds.token_start[k]), int(ds.token_start[k]) + r.n_tokens))
+        assert (sel.token_sample.values == k).all()
+        np.testing.assert_array_equal(sel.input_ids.values, r.input_ids)
+        np.testing.assert_array_equal(sel.position.values, r.position)
+        np.testing.assert_array_equal(sel.is_visual.values, r.is_visual)
+        np.testing.assert_array_equal(sel.is_text.values, r.is_text)
+        np.testing.assert_array_equal(sel.is_answer.values, r.is_answer)
+        np.testing.assert_array_equal(sel.hidden.values, _expected_hidden(r, encoding))
+        for name in ("delta", "logp_patched", "trunc_logp"):
+            np.testing.assert_array_equal(ds[name].values[k], r.values[name])
+        assert ds.logp_clean.values[k] == r.values["logp_clean"]
+        assert ds.swap_donor.values[k] == r.values["swap_donor"]
+        assert ds.trunc_text.values[k, 2, 0] == r.values["trunc_text"][2, 0]
+    assert ds.hidden.chunks is not None  # lazy (dask-backed)
+    assert list(ds.trunc_layer.values) == COORDS["trunc_layer"]
+    assert verify_run(tmp_path / "run") == []
+
+
+def test_float16_records_overflow(tmp_path):
+    spec = make_spec("float16", layers=(0,), n_total=1)
+    rec = make_record(0, spec)
+    rec.hidden = np.full((1, rec.n_tokens, 16), 1e6, np.float32)
+    rec.hidden[0, 0, 0] = 1.0
+    with RunWriter(tmp_path / "run", spec) as w:
+        w.put(rec)
+    ds = open_run(tmp_path / "run")
+    assert int(ds.fp16_overflow.values[0]) == rec.n_tokens * 16 - 1
+
+
+def test_padding_waste_under_ten_percent(tmp_path):
+    """300-1300 visual tokens per sample with the real block size of a 2048-wide bf16 model."""
+    spec = make_spec("bfloat16", layers=(), hidden_size=2048, n_total=200, block_tokens=None)
+    assert spec.block_tokens == 512
+    rng = np.random.default_rng(0)
+    total = 0
+    with RunWriter(tmp_path / "run", spec, commit_seconds=1e9) as w:
+        for i in range(200):
+            n = int(rng.integers(300, 1301)) + 60
+            total += n
+            rec = make_record(i, make_spec(layers=()))
+            rec.input_ids = np.zeros(n, np.int32)
+            rec.position = rec.is_visual = rec.is_text = rec.is_answer = None
+            rec.values = {}
+            w.put(rec)
+    end = sum(p.end for p in __import__("store.reader", fromlist=["read_run"]).read_run(tmp_path / "run").parts)
+    waste = (end - total) / total
+    assert 0 <= waste <= 0.10
+    assert open_run(tmp_path / "run").sizes["token"] == total
+
+
+def _tensorstore_read(path):
+    ts = pytest.importorskip("tensorstore")
+    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}).result().read().result()
+
+
+def test_shards_are_standard_zarr_v3(tmp_path):
+    """Our shard files read back identically through zarr-python and through TensorStore."""
+    import zarr
+
+    spec = make_spec("bfloat16", n_total=4)
+    records = [make_record(i, spec) for i in range(4)]
+    with RunWriter(tmp_path / "run", spec, segment_tokens=1000) as w:
+        for r in records:
+            w.put(r)
+    part = layout.part_dir(tmp_path / "run", 0, 1)
+    z = zarr.open_array(part / "hidden", mode="r")[:]
+    np.testing.assert_array_equal(z, _tensorstore_read(part / "hidden"))
+    expect = np.concatenate([r.hidden for r in records], axis=1)
+    np.testing.assert_array_equal(z[:, : expect.shape[1]], expect)
+    group = zarr.open_group(tmp_path / "run", mode="r")
+    assert group.attrs["gap"]["hidden"]["encoding"] == "bfloat16"
+
+
+def _reference_run(tmp_path, n_total):
+    ref = tmp_path / "ref"
+    write_shard(str(ref), 0, 1, n_total, resume=False, sleep=0)
+    return open_run(ref)
+
+
+def test_kill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
+    n_total = 40
+    reference = _reference_run(tmp_path, n_total)
+    rng = random.Random(7)
+    trials = [(0.0, rng.uniform(0.2, 1.2)) for _ in range(3)] + [(0.02, rng.uniform(0.3, 1.0)) for _ in range(3)]
+    for trial, (sleep, delay) in enumerate(trials):
+        run = tmp_path / f"killed{trial}"
+        proc = subprocess.Popen([PY, str(HERE / "storekit.py"), str(run), "0", "1", str(n_total), "0", str(sleep)],
+                                cwd=HERE)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if run.exists() and (run / "zarr.json").exists():
+            before = open_run(run)  # whatever was committed is readable, and only whole samples
+            assert (before.status.values == "ok").all()
+        write_shard(str(run), 0, 1, n_total, resume=True, sleep=0)
+        assert verify_run(run) == [], trial
+        _assert_same_run(open_run(run), reference)
+
+
+def test_four_concurrent_shard_writers(tmp_path):
+    n_total = 24
+    run = tmp_path / "run"
+    procs = [subprocess.Popen([PY, str(HERE / "storekit.py"), str(run), str(i), "4", str(n_total), "0", "0.01"],
+                              cwd=HERE) for i in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    assert verify_run(run) == []
+    info = run_info(run)
+    assert (info["ok"], info["left"], len(info["shards"])) == (n_total, 0, 4)
+    _assert_same_run(open_run(run), _reference_run(tmp_path, n_total))
+
+
+def test_resume_skips_committed_and_rewrites_nothing(tmp_path):
+    run = tmp_path / "run"
+    spec = make_spec(n_total=12)
+    with RunWriter(run, spec, segment_tokens=5) as w:
+        for i in range(6):
+            w.put(make_record(i, spec))
+    part = layout.part_dir(run, 0, 1)
+    committed_files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (part / "hidden" / "c").rglob("*")
+                       if p.is_file()}
+    with pytest.raises(GapError, match="--resume"):
+        RunWriter(run, spec)
+    with RunWriter(run, spec, resume=True) as w:
+        assert w.committed == set(range(6))
+        for i in range(6, 12):
+            w.put(make_record(i, spec))
+    for path, (mtime, data) in committed_files.items():
+        assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data
+    assert open_run(run).sizes["sample"] == 12
+
+
+def test_refuses_a_different_model_or_config(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run, make_spec(n_total=2)) as w:
+        w.put(make_record(0, make_spec()))
+    with pytest.raises(GapError, match="'config.model.path' differs"):
+        RunWriter(run, make_spec(n_total=2, model_path="/models/other"), resume=True)
+    with pytest.raises(GapError, match="'hidden.encoding' differs"):
+        RunWriter(run, make_spec("float32", n_total=2), resume=True)
+
+
+def test_two_writers_may_not_share_a_shard(tmp_path):
+    spec = make_spec()
+    with RunWriter(tmp_path / "run", spec, shard=(1, 2)):
+        with pytest.raises(GapError, match="being written by pid"):
+            RunWriter(tmp_path / "run", spec, shard=(1, 2), resume=True)
+        RunWriter(tmp_path / "run", spec, shard=(0, 2)).close()  # another shard is fine
+
+
+def test_non_run_and_unreadable_inputs(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    with pytest.raises(GapError, match="not a gap run"):
+        open_run(tmp_path / "notes")
+    with pytest.raises(GapError, match="not a gap run"):
+        RunWriter(tmp_path / "notes", make_spec())
+    with pytest.raises(GapError, match="no such run"):
+        open_run(tmp_path / "missing")
+
+
+def test_read_only_path_is_one_clear_line(tmp_path):
+    target = tmp_path / "ro"
+    target.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(target)]).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        with pytest.raises(GapError, match="cannot write to .*read-only"):
+            RunWriter(target / "run", make_spec())
+        cli = subprocess.run([PY, "-m", "gap", "store", "info", str(target / "run")], capture_output=True,
+                             text=True, cwd=HERE.parent)
+        assert cli.returncode == 1 and len(cli.stderr.strip().splitlines()) == 1
+    finally:
+        subprocess.run(["umount", str(target)])
+
+
+def test_full_disk_keeps_committed_samples(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a small tmpfs here to fill up")
+    try:
+        spec = make_spec("float32", hidden_size=256, n_total=200)
+        run = mnt / "run"
+        with pytest.raises(GapError, match="disk full"):
+            with RunWriter(run, spec, segment_tokens=8, commit_seconds=0) as w:
+                for i in range(200):
+                    w.put(make_record(i, spec))
+        ds = open_run(run)
+        assert 0 < ds.sizes["sample"] < 200
+        for k in range(ds.sizes["sample"]):
+            rec = make_record(int(ds.sample_index[k]), spec)
+            sel = ds.hidden.isel(token=slice(int(ds.token_start[k]), int(ds.token_start[k]) + rec.n_tokens))
+            np.testing.assert_array_equal(sel.values, rec.hidden)
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_verify_finds_damage(tmp_path):
+    run = tmp_path / "run"
+    spec = make_spec(n_total=12)
+    with RunWriter(run, spec, shard=(0, 2), segment_tokens=5) as w:
+        for i in shard_indices(12, 0, 2):
+            w.put(make_record(i, spec))
+    assert verify_run(run) == []
+    part = layout.part_dir(run, 0, 2)
+    (part / "hidden" / layout.hidden_chunk_key(1)).unlink()
+    meta = json.loads((part / "tokens" / "zarr.json").read_text())
+    meta["data_type"] = "int64"
+    (part / "tokens" / "zarr.json").write_text(json.dumps(meta))
+    with open(part / "commits.jsonl", "ab") as fh:
+        fh.write(b'{"segment": 99, "start"')
+    problems = "\n".join(verify_run(run))
+    assert "missing chunks for blocks [1]" in problems
+    assert "data_type int64" in problems
+    assert "torn commit line" in problems
+    # a duplicated sample: another shard claims sample 0 too
+    other = layout.part_dir(run, 1, 2)
+    other.mkdir()
+    log = (part / "commits.jsonl").read_text().splitlines()[0]
+    (other / "commits.jsonl").write_text(log + "\n")
+    assert any("duplicated sample" in p for p in verify_run(run))
+    cli = subprocess.run([PY, "-m", "gap", "store", "verify", str(run)], capture_output=True, text=True,
+                         cwd=HERE.parent)
+    assert cli.returncode == 1 and "DAMAGED" in cli.stderr
+
+
+def test_store_cli_info_json(tmp_path):
+    run = tmp_path / "run"
+    spec = make_spec(n_total=12)
+    with RunWriter(run, spec) as w:
+        for i in range(5):
+            w.put(make_record(i, spec, fail_every=5))
+    out = subprocess.run([PY, "-m", "gap", "store", "info", str(run), "--json"], capture_output=True,
+                         text=True, cwd=HERE.parent, check=True)
+    info = json.loads(out.stdout)
+    assert (info["ok"], info["failed"], info["left"], info["layers"]) == (4, 1, 7, [0, 1, 2])
+    bad = subprocess.run([PY, "-m", "gap", "store", "info", str(tmp_path)], capture_output=True, text=True,
+                         cwd=HERE.parent)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_store_imports_without_torch(tmp_path):
+    run = tmp_path / "run"
+    spec = make_spec(n_total=1)
+    with RunWriter(run, spec) as w:
+        w.put(make_record(0, spec))
+    code = ("import sys; from store import open_run; ds = open_run(%r); ds.hidden.values;"
+            "assert 'torch' not in sys.modules and 'nnsight' not in sys.modules, 'heavy import'" % str(run))
+    subprocess.run([PY, "-c", code], check=True, cwd=HERE.parent)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for chmod-proof checks")
+def test_files_are_not_world_writable(tmp_path):
+    run = tmp_path / "run"
+    spec = make_spec(n_total=1)
+    old = os.umask(0o022)
+    try:
+        with RunWriter(run, spec) as w:
+            w.put(make_record(0, spec))
+    finally:
+        os.umask(old)
+    for path in run.rglob("*"):
+        assert not path.stat().st_mode & 0o002, path
