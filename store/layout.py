@@ -129,31 +129,71 @@ def tokens_chunk_key(block_index: int) -> str:
     return f"c/{block_index}/0"
 
 
-def encode_hidden_shard(block: np.ndarray, compression: str = "none") -> list[bytes | memoryview]:
-    """Bytes of one hidden shard file for ``block`` of shape (layers, B, hidden).
+def encode_hidden_shard(parts: list[np.ndarray], pad_tokens: int = 0,
+                        compression: str = "none") -> list[bytes | memoryview]:
+    """Bytes of one hidden shard file from token-consecutive ``parts`` of shape (layers, t_i, hidden).
 
-    Uncompressed, the inner chunks (one per layer, C order) are exactly the block's own bytes, so
-    the shard is the block followed by its index: writing it costs what a raw write costs.
+    The shard holds one inner chunk per layer (all B tokens of that layer), then the index.  Each
+    layer's rows of a part are contiguous in the part's own memory, so uncompressed shards are
+    written straight from the samples' arrays (zero-copy), with ``pad_tokens`` zero rows at the end.
     """
     import google_crc32c
 
-    block = np.ascontiguousarray(block)
-    n_layers = block.shape[0]
-    if compression == "none":
-        pieces: list[bytes | memoryview] = [memoryview(block).cast("B")]
-        size = block[0].nbytes
-        offsets = np.arange(n_layers, dtype=np.uint64) * np.uint64(size)
-        sizes = np.full(n_layers, size, np.uint64)
-    else:
-        import numcodecs
+    n_layers = parts[0].shape[0]
+    dtype, size = parts[0].dtype, parts[0].shape[2]
+    pad = np.zeros((pad_tokens, size), dtype) if pad_tokens else None
+    pieces: list[bytes | memoryview] = []
+    sizes = np.zeros(n_layers, np.uint64)
+    for layer in range(n_layers):
+        rows = [np.ascontiguousarray(p[layer]) for p in parts] + ([pad] if pad is not None else [])
+        if compression == "none":
+            pieces += [memoryview(r).cast("B") for r in rows]
+            sizes[layer] = sum(r.nbytes for r in rows)
+        else:
+            import numcodecs
 
-        codec = numcodecs.Zstd(level=1)
-        pieces = [codec.encode(np.ascontiguousarray(block[i]).view(np.uint8)) for i in range(n_layers)]
-        sizes = np.array([len(p) for p in pieces], np.uint64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
+            blob = numcodecs.Zstd(level=1).encode(np.concatenate(rows).view(np.uint8))
+            pieces.append(blob)
+            sizes[layer] = len(blob)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
     index = np.stack([offsets, sizes], axis=1).astype("<u8").tobytes()
-    crc = google_crc32c.value(index).to_bytes(4, "little")
-    return [*pieces, index + crc]
+    return [*pieces, index + google_crc32c.value(index).to_bytes(4, "little")]
+
+
+def read_hidden_shard(path: Path, n_layers: int, block: int, hidden_size: int, dtype: np.dtype,
+                      layers: slice, tokens: slice, compression: str = "none") -> np.ndarray:
+    """Read ``[layers, tokens, :]`` of one shard file (the view's fast path; zarr-python reads it too).
+
+    Uncompressed inner chunks are read with one positioned read per layer covering just the token
+    rows asked for; the index is honoured, never assumed.  A missing file reads as fill (zeros).
+    """
+    dtype = np.dtype(dtype)
+    layer_ids = range(n_layers)[layers]
+    t0, t1, _ = tokens.indices(block)
+    out = np.zeros((len(layer_ids), max(0, t1 - t0), hidden_size), dtype)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return out
+    try:
+        end = os.fstat(fd).st_size
+        index = np.frombuffer(os.pread(fd, n_layers * 16, end - n_layers * 16 - 4), "<u8").reshape(n_layers, 2)
+        row = hidden_size * dtype.itemsize
+        for k, layer in enumerate(layer_ids):
+            offset, nbytes = (int(v) for v in index[layer])
+            if offset == int(EMPTY):
+                continue
+            if compression == "none":
+                buf = os.pread(fd, (t1 - t0) * row, offset + t0 * row)
+                out[k] = np.frombuffer(buf, dtype).reshape(t1 - t0, hidden_size)
+            else:
+                import numcodecs
+
+                chunk = numcodecs.Zstd().decode(os.pread(fd, nbytes, offset))
+                out[k] = np.frombuffer(chunk, dtype).reshape(block, hidden_size)[t0:t1]
+    finally:
+        os.close(fd)
+    return out
 
 
 def atomic_write(path: Path, pieces: list[bytes | memoryview] | bytes, fsync: bool = False) -> None:

@@ -58,27 +58,55 @@ def _read_tokens(part: PartState) -> np.ndarray:
     return np.asarray(zarr.open_array(part.path / layout.TOKENS, mode="r")[: part.end])
 
 
+class HiddenPart:
+    """Array-like over one part's hidden shards, read with positioned reads (for ``dask.array``).
+
+    zarr-python reads the same files (tests check both agree); this path skips its per-chunk
+    overhead, which dominates when analysis streams hundreds of GB.
+    """
+
+    def __init__(self, path: Path, hidden: dict[str, Any], n_tokens: int) -> None:
+        self.path = path
+        self.n_layers = len(hidden["layers"])
+        self.block = hidden["block_tokens"]
+        self.size = hidden["hidden_size"]
+        self.compression = hidden.get("compression", "none")
+        self.dtype = np.dtype(layout.ENCODINGS[hidden["encoding"]])
+        self.shape = (self.n_layers, n_tokens, self.size)
+        self.ndim = 3
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        layers, tokens, cols = key
+        t0, t1, _ = tokens.indices(self.shape[1])
+        n_layers = len(range(self.n_layers)[layers])
+        out = np.empty((n_layers, max(0, t1 - t0), self.size), self.dtype)
+        for b in range(t0 // self.block, (t1 + self.block - 1) // self.block):
+            lo, hi = max(t0, b * self.block), min(t1, (b + 1) * self.block)
+            out[:, lo - t0: hi - t0] = layout.read_hidden_shard(
+                self.path / layout.hidden_chunk_key(b), self.n_layers, self.block, self.size, self.dtype,
+                layers, slice(lo - b * self.block, hi - b * self.block), self.compression)
+        return out[:, :, cols]
+
+
 def _hidden_dask(state: RunState, ranges: list[tuple[PartState, int, int]], chunks: int | None):
     import dask.array as da
-    import zarr
 
     hidden = state.hidden
     encoding, size, block = hidden["encoding"], hidden["hidden_size"], hidden["block_tokens"]
-    n_layers = len(hidden["layers"])
     if chunks is None:
         chunks = max(1, TARGET_DASK_CHUNK_BYTES // (block * size * 4)) * block
     arrays: dict[Path, Any] = {}
     pieces = []
     for part, start, stop in ranges:
         if part.path not in arrays:
-            z = zarr.open_array(part.path / layout.HIDDEN, mode="r")
-            arrays[part.path] = da.from_zarr(z, chunks=(1, chunks, size))
+            source = HiddenPart(part.path / layout.HIDDEN, hidden, part.end)
+            arrays[part.path] = da.from_array(source, chunks=(1, chunks, size), name=f"hidden-{part.path}-{part.end}",
+                                              asarray=False, fancy=False)
         pieces.append(arrays[part.path][:, start:stop])
     if not pieces:
-        storage = layout.ENCODINGS[encoding]
-        return da.zeros((n_layers, 0, size), dtype=np.float32), storage
+        return da.zeros((len(hidden["layers"]), 0, size), dtype=np.float32)
     stacked = da.concatenate(pieces, axis=1)
-    return stacked.map_blocks(decode_hidden, encoding, dtype=np.float32), encoding
+    return stacked.map_blocks(decode_hidden, encoding, dtype=np.float32)
 
 
 def open_run(run: str | Path, chunks: int | None = None):
@@ -144,7 +172,7 @@ def open_run(run: str | Path, chunks: int | None = None):
     ds = xr.Dataset(data, coords={**coords, **({"layer": coords_spec["layer"]} if coords_spec.get("layer") else {})})
 
     if state.hidden["layers"]:
-        hidden, _ = _hidden_dask(state, ranges, chunks)
+        hidden = _hidden_dask(state, ranges, chunks)
         hidden_ds = xr.Dataset({"hidden": (("layer", "token", "hidden_dim"), hidden)},
                                coords={"layer": state.hidden["layers"]})
         ds = xr.merge([ds, hidden_ds], join="outer", compat="no_conflicts", combine_attrs="drop_conflicts")

@@ -357,12 +357,12 @@ class RunWriter:
 
     def _write_full_blocks(self, pending: list, state: dict[str, Any], pad: bool = False) -> None:
         while pending and (sum(len(t) for t, _ in pending) >= self.block or pad):
-            tokens, hidden = self._take_block(pending)
-            self._write_block(state["filled"] // self.block, tokens, hidden)
+            tokens, hidden, pad_tokens = self._take_block(pending)
+            self._write_block(state["filled"] // self.block, tokens, hidden, pad_tokens)
             state["filled"] += self.block
 
-    def _take_block(self, pending: list) -> tuple[np.ndarray, np.ndarray | None]:
-        """Pop up to one block of tokens from the front of ``pending``, padded to the block size."""
+    def _take_block(self, pending: list) -> tuple[np.ndarray, list[np.ndarray], int]:
+        """Pop up to one block of tokens from the front of ``pending``: token table, hidden views, padding."""
         b = self.block
         tok_parts, hid_parts, got = [], [], 0
         while pending and got < b:
@@ -378,21 +378,13 @@ class RunWriter:
             got += take
         tokens = np.full((b, len(layout.TOKEN_COLUMNS)), -1, np.int32)
         tokens[:got] = np.concatenate(tok_parts)
-        hidden = None
-        if self.spec.layers:
-            storage = np.dtype(layout.ENCODINGS[self.spec.hidden_encoding])
-            hidden = np.zeros((len(self.spec.layers), b, self.spec.hidden_size), storage)
-            if len(hid_parts) == 1:
-                hidden[:, :got] = hid_parts[0]
-            elif hid_parts:
-                hidden[:, :got] = np.concatenate(hid_parts, axis=1)
-        return tokens, hidden
+        return tokens, hid_parts, b - got
 
-    def _write_block(self, block_index: int, tokens: np.ndarray, hidden: np.ndarray | None) -> None:
-        if hidden is not None:
+    def _write_block(self, block_index: int, tokens: np.ndarray, hidden: list[np.ndarray], pad: int) -> None:
+        if hidden:
             path = self.dir / layout.HIDDEN / layout.hidden_chunk_key(block_index)
             path.parent.mkdir(parents=True, exist_ok=True)
-            pieces = layout.encode_hidden_shard(hidden, self.spec.compression)
+            pieces = layout.encode_hidden_shard(hidden, pad, self.spec.compression)
             layout.atomic_write(path, pieces)
             self.bytes_written += sum(len(p) for p in pieces)
         path = self.dir / layout.TOKENS / layout.tokens_chunk_key(block_index)

@@ -73,6 +73,24 @@ def test_round_trip_every_variable(tmp_path, encoding):
     assert verify_run(tmp_path / "run") == []
 
 
+def test_zstd_shards_round_trip_and_read_by_zarr(tmp_path):
+    import zarr
+
+    spec = make_spec("bfloat16", n_total=5)
+    spec.compression = "zstd"
+    records = [make_record(i, spec) for i in range(5)]
+    with RunWriter(tmp_path / "run", spec, segment_tokens=9) as w:
+        for r in records:
+            w.put(r)
+    ds = open_run(tmp_path / "run")
+    expect = np.concatenate([bf16_bits_to_float32(r.hidden) for r in records], axis=1)
+    np.testing.assert_array_equal(ds.hidden.values, expect)
+    part = layout.part_dir(tmp_path / "run", 0, 1)
+    z = zarr.open_array(part / "hidden", mode="r")[:]
+    np.testing.assert_array_equal(bf16_bits_to_float32(z[:, : records[0].n_tokens]), expect[:, : records[0].n_tokens])
+    assert verify_run(tmp_path / "run") == []
+
+
 def test_float16_records_overflow(tmp_path):
     spec = make_spec("float16", layers=(0,), n_total=1)
     rec = make_record(0, spec)

@@ -1,0 +1,91 @@
+"""Store write/read throughput vs raw numpy files of the same bytes, files per GB, codec table.
+
+Workload: bf16 activations of the Qwen3-VL-30B-A3B shape (48 layers x ~700 tokens x 2048), as the
+capture loop hands them over (uint16 bit patterns), written through RunWriter's background thread.
+The raw reference writes the same arrays with ``np.save`` (one file per sample) and reads them back
+with ``np.load``.  Both land in the page cache; neither is fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from schemas.config import config_from_dict
+from schemas.run import SampleRecord
+from store.encoding import bf16_bits_to_float32
+from store.inspect import run_info
+from store.view import open_run
+from store.writer import RunSpec, RunWriter
+
+N_LAYERS, HIDDEN, N_SAMPLES = 48, 2048, 4
+
+
+def _samples(rng: np.random.Generator) -> list[SampleRecord]:
+    out = []
+    for i in range(N_SAMPLES):
+        n = int(rng.integers(600, 800))
+        bits = (rng.standard_normal((N_LAYERS, n, HIDDEN), np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        out.append(SampleRecord(index=i, sample_id=f"bench/{i}", input_ids=np.zeros(n, np.int32), hidden=bits))
+    return out
+
+
+def _write_store(root: Path, samples: list[SampleRecord], compression: str) -> float:
+    cfg = config_from_dict({"model": {"path": "/bench"}})
+    spec = RunSpec(config=cfg, model_info={"family": "bench"}, layers=list(range(N_LAYERS)),
+                   hidden_size=HIDDEN, hidden_encoding="bfloat16", n_total=len(samples), compression=compression)
+    start = time.perf_counter()
+    with RunWriter(root, spec) as writer:
+        for s in samples:
+            writer.put(s)
+    return time.perf_counter() - start
+
+
+def _write_raw(root: Path, samples: list[SampleRecord]) -> float:
+    root.mkdir()
+    start = time.perf_counter()
+    for s in samples:
+        np.save(root / f"{s.index}.npy", s.hidden)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    samples = _samples(rng)
+    nbytes = sum(s.hidden.nbytes for s in samples)
+    tmp = Path(tempfile.mkdtemp(prefix="gap-bench-store-"))
+    try:
+        ratios = []
+        for rep in range(3):  # alternate to even out page-cache and background noise
+            raw_t = _write_raw(tmp / f"raw{rep}", samples)
+            store_t = _write_store(tmp / f"store{rep}", samples, "none")
+            ratios.append(raw_t / store_t)
+            print(f"rep {rep}: raw {nbytes / raw_t / 1e9:.2f} GB/s, store {nbytes / store_t / 1e9:.2f} GB/s")
+        run = tmp / "store0"
+        start = time.perf_counter()
+        hidden = open_run(run).hidden.values
+        store_read = time.perf_counter() - start
+        start = time.perf_counter()
+        raw = [bf16_bits_to_float32(np.load(tmp / "raw0" / f"{s.index}.npy")) for s in samples]
+        raw_read = time.perf_counter() - start
+        assert np.array_equal(hidden, np.concatenate(raw, axis=1)), "store read differs from raw"
+        info = run_info(run)
+        zstd_t = _write_store(tmp / "zstd", samples, "zstd")
+        zstd_bytes = sum(f.stat().st_size for f in (tmp / "zstd").rglob("*") if f.is_file())
+        print(f"files: {info['files']} for {info['bytes'] / 1e9:.2f} GB; zstd-1 ratio {info['bytes'] / zstd_bytes:.3f}")
+        print(f"store_write_vs_raw: {float(np.median(ratios)):.2f}")
+        print(f"store_read_vs_raw: {raw_read / store_read:.2f}")
+        print(f"store_files_per_gb: {info['files'] / (info['bytes'] / 1e9):.1f}")
+        print(f"store_zstd_ratio: {info['bytes'] / zstd_bytes:.3f}")
+        print(f"store_zstd_write_vs_raw: {float(np.median([_write_raw(tmp / 'rawz', samples)])) / zstd_t:.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
