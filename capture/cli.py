@@ -1,0 +1,202 @@
+"""``gap capture``: run a model over a dataset shard and write activations + interventions to a run.
+
+Exit codes: 0 when every sample of the shard is ``ok`` or failed for a data reason (bad image,
+...), also after a stop requested by SIGTERM/SIGUSR1 once the committed work is consistent;
+1 when samples failed for other reasons (NaN/inf, out of memory, an intervention error) or on a
+user-facing error (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import GapError
+
+log = logging.getLogger("gap.capture")
+
+DESCRIPTION = """Run the configured model over the configured dataset and write a run store.
+
+With --shard I/N this process captures rows I, I+N, I+2N, ... of the selection (one Slurm array
+task per shard); --resume continues a shard that was stopped, skipping committed samples.
+SIGTERM or SIGUSR1 (Slurm sends them before the time limit) stop after the current batch; the
+committed samples stay valid and a rerun with --resume finishes the shard."""
+
+EXAMPLES = """examples:
+  gap capture configs/qwen3.yaml --out runs/r1
+  gap capture configs/qwen3.yaml --out runs/r1 --set data.limit=20 --set capture.layers=[0,12,24]
+  gap capture configs/qwen3.yaml --out runs/r1 --shard 2/4 --resume"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gap capture`` argument parser."""
+    p = argparse.ArgumentParser(prog="gap capture", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="run configuration (YAML)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory to create or continue")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, VALUE parsed as YAML (repeatable)")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="capture shard I of N (0-based; default 0/1)")
+    p.add_argument("--resume", action="store_true", help="continue a shard that already has committed samples")
+    p.add_argument("--padding-side", choices=("right", "left"), default="right",
+                   help="padding of batched prompts (results do not depend on it; default right)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                   help="cap on padded tokens per batch, besides capture.batch_size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is happening (INFO)")
+    return p
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; the capture loop checks it between batches."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+        log.warning("%s received: stopping after the current batch", self.signal)
+
+
+def _device_line(loaded: Any, device_map: Any) -> str:
+    import torch
+
+    device = loaded.input_device
+    if device.type != "cuda":
+        return "cpu"
+    n = torch.cuda.device_count()
+    return f"{torch.cuda.get_device_name(device)} x{n} (device_map={device_map})"
+
+
+def _estimate(loaded: Any, spec: Any, dataset: Any, todo: list[int]) -> str:
+    """One line: bytes per sample from the first few samples' token counts."""
+    from capture.prompts import encode_sample
+    from capture.runner import bytes_per_token
+
+    per_token = bytes_per_token(spec)
+    lengths = []
+    for item in dataset.iter_indices(todo[:4]):
+        if isinstance(item, dict):
+            try:
+                lengths.append(encode_sample(loaded.processor, loaded.image_token_id, item).n_tokens)
+            except Exception as exc:  # noqa: BLE001 - the run records it; the estimate skips it
+                log.debug("estimate skips %s: %s", item.get("sample_id"), exc)
+    if not lengths:
+        return "bytes per sample: unknown (no readable sample among the first ones)"
+    tokens = sum(lengths) / len(lengths)
+    per_sample = tokens * per_token
+    return (f"activations: {len(spec.layers)} layers x ~{tokens:.0f} tokens x {spec.hidden_size} x "
+            f"{spec.hidden_encoding} = {_size(per_sample)} per sample, ~{_size(per_sample * len(todo))} "
+            f"for {len(todo)} samples (choose capture.layers to write less)")
+
+
+def _size(n_bytes: float) -> str:
+    """Human-readable bytes.
+
+    >>> _size(2.5e6), _size(3e9)
+    ('2.5 MB', '3.00 GB')
+    """
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.2f} GB"
+    if n_bytes >= 1e6:
+        return f"{n_bytes / 1e6:.1f} MB"
+    return f"{n_bytes / 1e3:.1f} kB"
+
+
+def _shard_status(run: Path, shard: int, n_shards: int) -> dict[str, int]:
+    from store.reader import read_run
+
+    counts: dict[str, int] = {}
+    for part in read_run(run).parts:
+        if (part.shard, part.n_shards) == (shard, n_shards):
+            for s in part.samples:
+                counts[s["status"]] = counts.get(s["status"], 0) + 1
+    return counts
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``gap capture`` (see ``gap capture --help``)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from schemas.config import load_config
+    from schemas.run import parse_shard, shard_indices
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        shard, n_shards = parse_shard(args.shard)
+    except ValueError as exc:
+        raise GapError(str(exc)) from None
+    stop = StopFlag()
+    stop.install()
+
+    from tqdm import tqdm
+
+    from capture.datasets import open_dataset
+    from capture.family import load_model
+    from capture.runner import STATUS_DATA, CaptureRunner, make_spec
+    from store.writer import RunWriter
+
+    dataset = open_dataset(cfg.data)
+    rows = shard_indices(len(dataset), shard, n_shards)
+    loaded = load_model(cfg.model)
+    spec = make_spec(cfg, loaded, n_total=len(dataset))
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    with RunWriter(out, spec, shard=(shard, n_shards), resume=args.resume) as writer:
+        todo = [r for r in rows if r not in writer.committed]
+        device = _device_line(loaded, cfg.model.device_map)
+        print(f"gap capture: {loaded.info['family']} ({loaded.n_layers} layers) on {device}; "
+              f"shard {shard}/{n_shards}: {len(todo)} of {len(rows)} samples to do -> {out}")
+        if spec.layers and todo:
+            print(f"gap capture: {_estimate(loaded, spec, dataset, todo)}")
+        with tqdm(total=len(todo), unit="sample", disable=args.no_progress or None, dynamic_ncols=True) as bar:
+            runner = CaptureRunner(loaded, cfg, spec, writer, padding_side=args.padding_side,
+                                   max_batch_tokens=args.max_batch_tokens,
+                                   on_record=_progress_callback(bar, writer), should_stop=stop,
+                                   donor_source=dataset)
+            stats = runner.run(dataset.iter_indices(todo))
+    elapsed = time.perf_counter() - t0
+    counts = _shard_status(out, shard, n_shards)
+    bad = {k: v for k, v in counts.items() if k not in ("ok", STATUS_DATA)}
+    print(f"gap capture: {stats.n_ok} ok, {stats.n_failed} failed this run "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(stats.failures.items())) or 'none'}); "
+          f"{stats.n_tokens} tokens, {_size(writer.bytes_written)} written in {elapsed:.0f} s")
+    print(f"gap capture: shard {shard}/{n_shards} holds {sum(counts.values())} of {len(rows)} samples: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for line in stats.first_errors:
+        print(f"  failed: {line}")
+    if stats.stopped_early:
+        print(f"gap capture: stopped early; rerun with --resume to finish shard {shard}/{n_shards} "
+              f"({stop.signal or 'stop requested'}; the committed samples are consistent)")
+        return 0
+    if bad:
+        print(f"gap capture: {sum(bad.values())} samples failed for non-data reasons", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _progress_callback(bar: Any, writer: Any) -> Any:
+    """``on_record`` for the runner: advance the bar, show tokens/s and GB written."""
+    start = time.perf_counter()
+    tokens = [0]
+
+    def on_record(record: Any) -> None:
+        tokens[0] += record.n_tokens if record.status == "ok" else 0
+        rate = tokens[0] / max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{rate:.0f} tok/s, {writer.bytes_written / 1e9:.2f} GB", refresh=False)
+        bar.update(1)
+
+    return on_record

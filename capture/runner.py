@@ -1,0 +1,539 @@
+"""The capture loop: batches through the model in one nnsight trace each, records to the store.
+
+Per batch of similar-length samples:
+
+1. one ``nnsight`` trace of the plain forward; inside it, each decoder block's output is gathered
+   (only the batch's real tokens, no padding) straight into one packed device buffer
+   ``(n_captured_layers, n_tokens_in_batch, hidden)``, and a per-layer non-finite flag is kept
+   for every token;
+2. on CUDA the buffer is copied to pinned host memory on a side stream, so the copy overlaps
+   the next batch's forward (and this batch's interventions); on CPU it already is host memory;
+3. the interventions (``capture.causal.run_causal``, ``capture.truncation.run_truncation``) run
+   on the same batch when the config asks for them and fill ``SampleRecord.values``;
+4. when the copy's event has fired, one :class:`~schemas.run.SampleRecord` per sample goes to
+   the store's background :class:`~store.writer.RunWriter`.
+
+A CUDA out-of-memory error halves the batch and retries; a single sample that still does not fit
+is recorded as failed (``oom``). A NaN/inf in a sample's states marks that sample failed
+(``nonfinite``) naming the first layer. Data errors (unreadable image, ...) become failed records
+(``data_error``) and the shard goes on.
+
+Examples
+--------
+>>> import tempfile
+>>> from schemas.config import config_from_dict
+>>> from store.writer import RunWriter
+>>> from capture.tiny import build_tiny
+>>> from capture.family import load_model
+>>> from capture.datasets import open_dataset
+>>> path = build_tiny("llava", tempfile.mkdtemp(), n_layers=2)
+>>> cfg = config_from_dict({"model": {"path": str(path), "dtype": "float32"},
+...                         "data": {"name": "synthetic", "limit": 3}})
+>>> loaded = load_model(cfg.model)
+>>> ds = open_dataset(cfg.data)
+>>> spec = make_spec(cfg, loaded, n_total=len(ds))
+>>> with RunWriter(tempfile.mkdtemp() + "/run", spec) as writer:
+...     stats = CaptureRunner(loaded, cfg, spec, writer).run(ds.iter_indices(range(len(ds))))
+>>> stats.n_ok, stats.n_failed
+(3, 0)
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from schemas.config import Config, resolve_layers
+from schemas.errors import GapError
+from schemas.run import STATUS_OK, SampleRecord, failed_record
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+    from capture.family import LoadedModel
+    from capture.prompts import Batch, PromptSample
+    from store.writer import RunSpec, RunWriter
+
+log = logging.getLogger("gap.capture")
+
+# Failure kinds. Only data errors count as an acceptable outcome of a run (exit code 0).
+STATUS_DATA = "data_error"
+STATUS_NONFINITE = "nonfinite"
+STATUS_OOM = "oom"
+STATUS_ERROR = "error"
+
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def storage_encoding(cfg: Config) -> str:
+    """The run's hidden encoding: the model dtype (lossless), or float16 when asked (lossy)."""
+    return "float16" if cfg.capture.store_dtype == "float16" else cfg.model.dtype
+
+
+def build_coords(cfg: Config, n_layers: int) -> dict[str, list[Any]]:
+    """Coordinates of the sample-level variables' non-sample dims for this config.
+
+    >>> from schemas.config import config_from_dict
+    >>> cfg = config_from_dict({"model": {"path": "m"}, "capture": {"causal": {"methods": ["zero"],
+    ...     "layers": [0, -1]}, "truncation": {"modes": ["knockout"], "layers": [1]}}})
+    >>> build_coords(cfg, 4)
+    {'layer': [0, 3], 'method': ['zero'], 'channel': ['visual', 'text'], 'trunc_layer': [-1, 1], 'mode': ['knockout']}
+    """
+    causal, trunc = cfg.capture.causal, cfg.capture.truncation
+    coords: dict[str, list[Any]] = {"layer": [], "method": [], "channel": [], "trunc_layer": [], "mode": []}
+    if causal.methods:
+        coords.update(layer=resolve_layers(causal.layers, n_layers), method=list(causal.methods),
+                      channel=list(causal.channels))
+    if trunc.modes:
+        coords.update(trunc_layer=[-1] + resolve_layers(trunc.layers, n_layers), mode=list(trunc.modes))
+    return coords
+
+
+def make_spec(cfg: Config, loaded: LoadedModel, n_total: int) -> RunSpec:
+    """The :class:`store.writer.RunSpec` of a capture run with this config and model."""
+    from store.writer import RunSpec
+
+    layers = resolve_layers(cfg.capture.layers, loaded.n_layers) if cfg.capture.activations else []
+    return RunSpec(config=cfg, model_info=dict(loaded.info), layers=layers, hidden_size=loaded.hidden_size,
+                   hidden_encoding=storage_encoding(cfg), coords=build_coords(cfg, loaded.n_layers),
+                   n_total=n_total)
+
+
+def bytes_per_token(spec: RunSpec) -> int:
+    """Bytes of ``hidden`` one token adds to the store (all captured layers)."""
+    return len(spec.layers) * spec.hidden_size * ITEMSIZE[spec.hidden_encoding]
+
+
+@dataclass
+class CleanPass:
+    """What the capture trace hands to the interventions (device tensors, no copies).
+
+    Attributes
+    ----------
+    hidden
+        ``(n_captured, n_tokens_in_batch, hidden)``: the captured layers' block outputs of the
+        batch's real tokens, packed sample after sample (None when activations are off).
+    layers
+        The captured layer ids (``hidden``'s first axis).
+    starts
+        ``starts[i]``: where sample ``i``'s tokens begin along ``hidden``'s token axis.
+    logits
+        ``(B, T, V)`` output logits of the padded batch.
+    """
+
+    hidden: torch.Tensor | None
+    layers: list[int]
+    starts: list[int]
+    logits: torch.Tensor
+
+    def sample_hidden(self, i: int, n_tokens: int) -> torch.Tensor:
+        """Sample ``i``'s states, ``(n_captured, n_tokens, hidden)`` (a view)."""
+        if self.hidden is None:
+            raise ValueError("activations were not captured in this run")
+        return self.hidden[:, self.starts[i]:self.starts[i] + n_tokens]
+
+
+@dataclass
+class CaptureStats:
+    """Counters of one capture shard (the CLI's progress line and summary)."""
+
+    n_ok: int = 0
+    n_failed: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # status -> count
+    first_errors: list[str] = field(default_factory=list)  # a few one-line reasons
+    n_tokens: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+    def add_failure(self, record: SampleRecord) -> None:
+        self.n_failed += 1
+        self.failures[record.status] = self.failures.get(record.status, 0) + 1
+        if len(self.first_errors) < 5:
+            self.first_errors.append(f"{record.sample_id}: {record.error}")
+
+    @property
+    def n_bad(self) -> int:
+        """Failures that are not data errors (these make the exit code non-zero)."""
+        return self.n_failed - self.failures.get(STATUS_DATA, 0)
+
+
+@dataclass
+class _InFlight:
+    """A batch whose forward is done and whose host copy may still be running.
+
+    ``host`` holds ``hidden`` (packed states), ``bad`` (per-layer non-finite flags of every
+    token), ``logp`` (clean answer log-prob per row) and ``overflow`` (float16 clip counts).
+    """
+
+    samples: list[PromptSample]
+    starts: list[int]
+    host: dict[str, Any]
+    values: list[dict[str, Any]]
+    event: Any  # torch.cuda.Event, or None on CPU
+    errors: list[str]  # per-sample intervention error ("" when fine)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class CaptureRunner:
+    """Run capture for one shard's samples and hand records to ``writer``.
+
+    Parameters
+    ----------
+    loaded
+        The model (:func:`capture.family.load_model`).
+    cfg
+        The run config (layers, batch size, interventions).
+    spec
+        The run's :class:`store.writer.RunSpec` (:func:`make_spec`).
+    writer
+        An open :class:`store.writer.RunWriter` (or anything with ``put(record)``).
+    padding_side
+        ``right`` (default) or ``left``; masks and stored states do not depend on it.
+    max_batch_tokens
+        Cap on padded tokens per batch (None: only ``capture.batch_size`` limits a batch).
+    on_record
+        Called with every record after it is queued (progress display).
+    should_stop
+        Checked between batches; when it returns True the loop stops after the current batch.
+    donor_source
+        The whole selection (``len`` and ``[i]`` -> sample dict, e.g. a
+        :class:`capture.datasets.Dataset`): where ``swap`` patching reads each sample's donor.
+
+    Examples
+    --------
+    See the module docstring.
+    """
+
+    def __init__(self, loaded: LoadedModel, cfg: Config, spec: RunSpec, writer: RunWriter, *,
+                 padding_side: str = "right", max_batch_tokens: int | None = None,
+                 on_record: Callable[[SampleRecord], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, donor_source: Any = None) -> None:
+        import nnsight
+        import torch
+
+        if getattr(loaded.processor, "chat_template", None) is None:
+            raise GapError(f"model.path {loaded.info.get('path')}: the processor has no chat template")
+        self.loaded, self.cfg, self.spec, self.writer = loaded, cfg, spec, writer
+        self.padding_side, self.max_batch_tokens = padding_side, max_batch_tokens
+        self.on_record = on_record or (lambda record: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.donor_source = donor_source
+        self.envoy = nnsight.NNsight(loaded.model)
+        self.device = loaded.input_device
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.layer_slot = {layer: j for j, layer in enumerate(spec.layers)}
+        self.stats = CaptureStats()
+        self._batches_since_gc = 0
+
+    # -- public ---------------------------------------------------------------------------------
+    def run(self, items: Iterable[Any], window: int | None = None) -> CaptureStats:
+        """Capture every item (a dataset sample dict, or a ``DataError`` for a bad one).
+
+        Items are read ``window`` at a time (default ``8 x batch_size``), encoded, grouped by
+        length into batches and captured; stops early when ``should_stop()`` turns True.
+        """
+        from capture.prompts import length_batches
+
+        start = time.perf_counter()
+        window = window or 8 * self.cfg.capture.batch_size
+        pending: _InFlight | None = None
+        buffer: list[PromptSample] = []
+        iterator = iter(items)
+        exhausted = False
+        while not exhausted and not self.stats.stopped_early:
+            buffer = []
+            while len(buffer) < window:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    exhausted = True
+                    break
+                encoded = self._encode(item)
+                if encoded is not None:
+                    buffer.append(encoded)
+            groups = length_batches([s.n_tokens for s in buffer], self.cfg.capture.batch_size,
+                                    self.max_batch_tokens)
+            for group in groups:
+                if self.should_stop():
+                    self.stats.stopped_early = True
+                    break
+                for flight in self._process([buffer[i] for i in group]):
+                    if pending is not None:
+                        self._finish(pending)
+                    pending = flight
+        if pending is not None:
+            self._finish(pending)
+        self.stats.seconds = time.perf_counter() - start
+        return self.stats
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _encode(self, item: Any) -> PromptSample | None:
+        from capture.prompts import encode_sample
+
+        if isinstance(item, BaseException):  # capture.datasets.DataError
+            index = getattr(item, "index", None)
+            self._put(failed_record(-1 if index is None else int(index),
+                                    str(getattr(item, "sample_id", "?")),
+                                    getattr(item, "reason", _one_line(item)), status=STATUS_DATA))
+            return None
+        try:
+            return encode_sample(self.loaded.processor, self.loaded.image_token_id, item)
+        # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only
+        except Exception as exc:  # noqa: BLE001
+            self._put(failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
+                                    _one_line(exc), status=STATUS_DATA, **_meta_fields(item)))
+            return None
+
+    def _process(self, samples: list[PromptSample]) -> list[_InFlight]:
+        """Forward + copy + interventions for one batch; halves it on CUDA OOM."""
+        import torch
+
+        try:
+            return [self._forward(samples)]
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        if len(samples) == 1:
+            s = samples[0]
+            self._put(self._failed(s, STATUS_OOM, f"CUDA out of memory with {s.n_tokens} tokens alone"))
+            return []
+        half = len(samples) // 2
+        log.warning("CUDA out of memory with a batch of %d; retrying as %d + %d", len(samples), half,
+                    len(samples) - half)
+        return self._process(samples[:half]) + self._process(samples[half:])
+
+    def _forward(self, samples: list[PromptSample]) -> _InFlight:
+        import torch
+
+        from capture.prompts import collate
+
+        loaded, spec = self.loaded, self.spec
+        batch = collate(samples, loaded.pad_token_id, self.padding_side).to(self.device)
+        width = batch.seq_len
+        starts = list(np.cumsum([0] + batch.lengths[:-1]))
+        # Flat (row * T + column) indices of the real tokens, packed sample after sample.
+        index = torch.cat([torch.arange(batch.offsets[i], batch.offsets[i] + n) + i * width
+                           for i, n in enumerate(batch.lengths)]).to(self.device)
+        n_real, hidden = int(index.numel()), loaded.hidden_size
+        dtype = loaded.model.get_input_embeddings().weight.dtype
+        packed = (torch.empty((len(spec.layers), n_real, hidden), dtype=dtype, device=self.device)
+                  if spec.layers else None)
+        bad = torch.empty((loaded.n_layers, n_real), dtype=torch.bool, device=self.device)
+        slot = self.layer_slot
+        with torch.no_grad():
+            # no KV cache: a single forward does not need one (it would cost ~0.5 MB per token)
+            with self.envoy.trace(**loaded.forward_inputs(batch.inputs), use_cache=False):
+                for layer, block in enumerate(loaded.layer_envoys(self.envoy)):
+                    out = block.output
+                    flat = out.reshape(-1, hidden)
+                    if layer in slot and flat.device == packed.device:
+                        rows = packed[slot[layer]]  # gather straight into the packed buffer
+                        torch.index_select(flat, 0, index, out=rows)
+                    else:  # not captured, or on another GPU under device_map="auto"
+                        rows = flat.index_select(0, index.to(flat.device))
+                        if layer in slot:
+                            packed[slot[layer]] = rows.to(self.device)
+                    # a row sum is NaN/inf iff the row holds one (or overflows, ~1e38): a cheap
+                    # reduction instead of a full-size isfinite mask
+                    bad[layer] = ~torch.isfinite(rows.sum(dim=-1)).to(self.device)
+                logits = self.envoy.output.logits.save()
+            clean = CleanPass(hidden=packed, layers=list(spec.layers), starts=starts, logits=logits)
+            small: dict[str, Any] = {"bad": bad, "logp": self._logp_clean(batch, logits)}
+            if packed is not None and spec.hidden_encoding == "float16" and dtype != torch.float16:
+                packed, small["overflow"] = self._to_float16(packed, starts, batch.lengths)
+            host, event = self._to_host({"hidden": packed, **small})
+            values, errors = self._interventions(batch, clean)
+        self._batches_since_gc += 1
+        if self.cuda and self._batches_since_gc >= 50:
+            gc.collect()  # repeated traces keep graph objects alive (TOOLING.md)
+            self._batches_since_gc = 0
+        return _InFlight(samples=samples, starts=starts, host=host, values=values, event=event, errors=errors)
+
+    def _logp_clean(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
+        import torch
+
+        from capture.scoring import answer_logprob
+
+        if not any(s.answer_ids.size for s in batch.samples):
+            return None
+        mask = torch.zeros(batch.inputs["input_ids"].shape, dtype=torch.bool)
+        for i, s in enumerate(batch.samples):
+            mask[i, batch.token_slice(i)] = torch.from_numpy(s.is_answer)
+        ids = batch.inputs["input_ids"].to(logits.device)
+        # onto the input device: the async copy runs on that device's copy stream
+        return answer_logprob(logits, ids, mask.to(logits.device)).to(self.device)
+
+    def _to_float16(self, packed: torch.Tensor, starts: list[int], lengths: list[int]) -> tuple:
+        import torch
+
+        limit = torch.finfo(torch.float16).max
+        over = (packed.abs() > limit).sum(dim=(0, 2))  # per token
+        per_sample = torch.stack([over[a:a + n].sum() for a, n in zip(starts, lengths)])
+        return packed.clamp(-limit, limit).to(torch.float16), per_sample
+
+    def _to_host(self, tensors: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """Start the device -> host copies; returns the host tensors and the event to wait for.
+
+        Nothing here waits for the GPU, so the copies overlap whatever is queued next.
+        """
+        import torch
+
+        if not self.cuda:
+            return tensors, None
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        host: dict[str, Any] = {}
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(ready)
+            for name, tensor in tensors.items():
+                if tensor is None or tensor.device.type != "cuda":
+                    host[name] = tensor
+                    continue
+                host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                host[name].copy_(tensor, non_blocking=True)
+                # made on the compute stream; keep its memory until this stream is done with it
+                tensor.record_stream(self.copy_stream)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return host, done
+
+    def _interventions(self, batch: Batch, clean: CleanPass) -> tuple[list[dict[str, Any]], list[str]]:
+        """The hook where causal tracing and truncation fill ``SampleRecord.values``."""
+        n = len(batch)
+        values: list[dict[str, Any]] = [{} for _ in range(n)]
+        errors = [""] * n
+        errors_partial = [""] * n
+        capture_cfg, coords = self.cfg.capture, self.spec.coords
+        hooks = []
+        if capture_cfg.causal.methods:
+            from capture import causal
+
+            donors = self._donors(batch) if "swap" in capture_cfg.causal.methods else None
+            hooks.append(lambda: causal.run_causal(self.loaded, batch, capture_cfg.causal, coords=coords,
+                                                   clean=clean, donors=donors, envoy=self.envoy))
+        if capture_cfg.truncation.modes:
+            from capture import truncation
+
+            hooks.append(lambda: truncation.run_truncation(self.loaded, batch, capture_cfg.truncation,
+                                                           coords=coords, clean=clean, envoy=self.envoy))
+        for hook in hooks:
+            try:
+                for i, extra in enumerate(hook()):
+                    # a hook reports partly failed variants (NaN values) as a one-line `error`
+                    note = extra.pop("error", "")
+                    if note:
+                        errors_partial[i] = "; ".join(filter(None, [errors_partial[i], note]))
+                    values[i].update(extra)
+            except Exception as exc:
+                if _is_oom(exc):
+                    raise  # _process halves the batch
+                log.exception("intervention failed for a batch of %d", n)
+                errors = [_one_line(exc)] * n
+        for i, note in enumerate(errors_partial):
+            if note:
+                values[i]["error"] = note
+        return values, errors
+
+    def _donors(self, batch: Batch) -> list[PromptSample | None]:
+        """Each sample's swap donor (``capture.causal.pick_donor``), encoded with its own answer."""
+        from capture.causal import pick_donor
+        from capture.prompts import encode_sample
+
+        if self.donor_source is None:
+            raise GapError("causal method 'swap' needs the dataset to read donors from")
+        out: list[PromptSample | None] = []
+        for s in batch.samples:
+            row = pick_donor(int(s.meta["index"]), len(self.donor_source), self.cfg.capture.causal.seed)
+            try:
+                donor = None if row is None else encode_sample(
+                    self.loaded.processor, self.loaded.image_token_id, self.donor_source[row])
+            except Exception as exc:  # noqa: BLE001 - a bad donor leaves swap NaN for this sample only
+                log.warning("swap donor %s of %s unusable: %s", row, s.meta["sample_id"], _one_line(exc))
+                donor = None
+            out.append(donor)
+        return out
+
+    def _finish(self, flight: _InFlight) -> None:
+        """Wait for the host copy, build one record per sample, hand them to the writer."""
+        if flight.event is not None:
+            flight.event.synchronize()
+        spec, host = self.spec, flight.host
+        for i, s in enumerate(flight.samples):
+            a, n = flight.starts[i], s.n_tokens
+            nonfinite = np.flatnonzero(host["bad"][:, a:a + n].any(dim=1).numpy())
+            values = dict(flight.values[i])
+            # run_causal scores the clean pass per sample, unpadded, like its patched runs; delta is
+            # computed against that value, so the batched one only fills in when it is absent.
+            if "logp_clean" not in values and host["logp"] is not None and s.answer_ids.size:
+                values["logp_clean"] = float(host["logp"][i])
+            if host.get("overflow") is not None:
+                values["fp16_overflow"] = int(host["overflow"][i])
+            if nonfinite.size:
+                first = int(nonfinite[0])
+                record = self._failed(s, STATUS_NONFINITE, f"NaN/inf in the hidden states from layer {first}")
+                record.values["nonfinite_layer"] = first
+            elif flight.errors[i]:
+                record = self._failed(s, STATUS_ERROR, flight.errors[i])
+            else:
+                note = values.pop("error", "")
+                record = self._record(s, values)
+                if note:  # some variants failed: keep their NaNs and the rest, flag the sample
+                    record.status, record.error = STATUS_ERROR, note
+                elif spec.layers:
+                    record.hidden = _to_numpy(host["hidden"][:, a:a + n], spec.hidden_encoding)
+            self._put(record)
+
+    # -- records --------------------------------------------------------------------------------
+    def _record(self, s: PromptSample, values: dict[str, Any]) -> SampleRecord:
+        return SampleRecord(index=int(s.meta["index"]), sample_id=str(s.meta["sample_id"]),
+                            status=STATUS_OK, input_ids=s.input_ids, position=s.position,
+                            is_visual=s.is_visual, is_text=s.is_text, is_answer=s.is_answer,
+                            values=values, **_meta_fields(s.meta))
+
+    def _failed(self, s: PromptSample, status: str, error: str) -> SampleRecord:
+        return failed_record(int(s.meta["index"]), str(s.meta["sample_id"]), error, status=status,
+                             input_ids=s.input_ids, **_meta_fields(s.meta))
+
+    def _put(self, record: SampleRecord) -> None:
+        self.writer.put(record)
+        if record.status == STATUS_OK:
+            self.stats.n_ok += 1
+            self.stats.n_tokens += record.n_tokens
+        else:
+            self.stats.add_failure(record)
+        self.on_record(record)
+
+
+def _meta_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    answers = meta.get("answers")
+    return {"question": str(meta.get("question") or ""), "answer": str(meta.get("answer") or ""),
+            "answers": [str(a) for a in answers] if answers else [], "subset": str(meta.get("subset") or "")}
+
+
+def _to_numpy(host: torch.Tensor, encoding: str) -> np.ndarray:
+    """A host tensor in the store's encoding (bfloat16 travels as its uint16 bit pattern)."""
+    import torch
+
+    if encoding == "bfloat16":
+        return host.view(torch.int16).numpy().view(np.uint16)
+    return host.numpy()

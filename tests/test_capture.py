@@ -1,0 +1,308 @@
+"""The capture loop against plain transformers forwards, for every family (tiny fp32 checkpoints).
+
+The reference states come from the processor's own ``apply_chat_template(tokenize=True)`` path
+and one unbatched ``model(..., output_hidden_states=True)`` per sample, independent of
+``capture.prompts`` and of nnsight.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capture.family import load_model
+from capture.runner import STATUS_DATA, STATUS_NONFINITE, STATUS_OOM, CaptureRunner, make_spec
+from schemas.config import config_from_dict
+from store import open_run
+from store.writer import RunWriter
+
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+# Different shapes give the Qwen families different visual token counts within one batch.
+SIZES = [(56, 56), (112, 84), (28, 112), (84, 84)]
+QUESTIONS = ["what colour is the square ?", "how many circle ?", "is there a red square ?",
+             "which is the value ?"]
+ANSWERS = ["red", "2", "yes no", "blue"]
+
+
+def _samples(n: int = 4) -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        out.append({"index": i, "sample_id": f"t/{i}", "image": img, "question": QUESTIONS[i % 4],
+                    "answer": ANSWERS[i % 4], "answers": [ANSWERS[i % 4]], "subset": "easy"})
+    return out
+
+
+def _capture(loaded, cfg, samples, run, **runner_kwargs):
+    spec = make_spec(cfg, loaded, n_total=len(samples))
+    with RunWriter(run, spec) as writer:
+        stats = CaptureRunner(loaded, cfg, spec, writer, **runner_kwargs).run(samples)
+    return stats, open_run(run)
+
+
+def _cfg(path, **capture):
+    return config_from_dict({"model": {"path": str(path), "dtype": "float32"},
+                             "data": {"name": "synthetic"}, "capture": capture})
+
+
+def _reference(loaded, sample):
+    """Unbatched forward through the processor's own chat-template path, answer appended."""
+    proc = loaded.processor
+    msgs = [{"role": "user", "content": [{"type": "image", "image": sample["image"]},
+                                         {"type": "text", "text": sample["question"]}]}]
+    enc = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   return_tensors="pt")
+    answer = torch.tensor([proc.tokenizer(sample["answer"], add_special_tokens=False)["input_ids"]])
+    n = answer.shape[1]
+    enc["input_ids"] = torch.cat([enc["input_ids"], answer], 1)
+    enc["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones(1, n, dtype=torch.long)], 1)
+    if "mm_token_type_ids" in enc:
+        enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, n, dtype=torch.long)], 1)
+    with torch.no_grad():
+        out = loaded.model(**enc, output_hidden_states=True)
+    return enc, out.hidden_states, n
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tiny_checkpoint):
+    path = tiny_checkpoint(request.param, n_layers=3)
+    return request.param, path, load_model(_cfg(path).model)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_stored_states_equal_plain_forward(family_model, padding_side, tmp_path):
+    family, path, loaded = family_model
+    samples = _samples()
+    cfg = _cfg(path, batch_size=4)
+    stats, ds = _capture(loaded, cfg, samples, tmp_path / "run", padding_side=padding_side)
+    assert (stats.n_ok, stats.n_failed) == (4, 0)
+    hidden = ds["hidden"].values  # (layer, token, hidden)
+    token_sample = ds["token_sample"].values
+    n_visual = []
+    for k, sample in enumerate(samples):
+        row = int(np.flatnonzero(ds["sample_index"].values == sample["index"])[0])
+        sel = token_sample == row
+        enc, ref, n_answer = _reference(loaded, sample)
+        ids = enc["input_ids"][0].numpy()
+        np.testing.assert_array_equal(ds["input_ids"].values[sel], ids)
+        np.testing.assert_array_equal(ds["position"].values[sel], np.arange(len(ids)))
+        # masks: the image-token positions, the appended answer
+        np.testing.assert_array_equal(ds["is_visual"].values[sel], ids == loaded.image_token_id)
+        is_answer = np.zeros(len(ids), bool)
+        is_answer[len(ids) - n_answer:] = True
+        np.testing.assert_array_equal(ds["is_answer"].values[sel], is_answer)
+        n_visual.append(int(ds["is_visual"].values[sel].sum()))
+        states = hidden[:, sel]
+        for layer in range(loaded.n_layers - 1):
+            np.testing.assert_allclose(states[layer], ref[layer + 1][0].numpy(), atol=2e-5, rtol=1e-4)
+        # transformers' last hidden state is after the final norm; we store the block output
+        last = loaded.final_norm()(torch.from_numpy(states[-1]))
+        np.testing.assert_allclose(last.detach().numpy(), ref[-1][0].numpy(), atol=2e-5, rtol=1e-4)
+    if family == "llava":
+        assert n_visual == [16] * 4  # (56 / 14)^2 patches, CLS dropped
+    else:
+        grid = [int(loaded.processor(text=["<|image_pad|>"], images=[s["image"]])["image_grid_thw"][0].prod())
+                for s in samples]
+        assert n_visual == [g // 4 for g in grid]  # t*h*w / merge^2
+        assert len(set(n_visual)) > 1  # different image sizes in one batch
+
+
+def test_text_mask_is_the_question(family_model, tmp_path):
+    _, path, loaded = family_model
+    samples = _samples(2)
+    _, ds = _capture(loaded, _cfg(path, batch_size=2, layers=[0]), samples, tmp_path / "run")
+    tok = loaded.processor.tokenizer
+    for row, sample in enumerate(samples):
+        sel = ds["token_sample"].values == row
+        ids = ds["input_ids"].values[sel]
+        # the tiny tokenizers are word-level: one token per whitespace-separated word
+        assert tok.convert_ids_to_tokens(ids[ds["is_text"].values[sel]].tolist()) == sample["question"].split()
+        assert tok.convert_ids_to_tokens(ids[ds["is_answer"].values[sel]].tolist()) == sample["answer"].split()
+
+
+def test_alone_equals_batched(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("qwen2_vl", n_layers=3)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples()
+    _, alone = _capture(loaded, _cfg(path, batch_size=1), samples, tmp_path / "a")
+    for side in ("left", "right"):
+        _, batched = _capture(loaded, _cfg(path, batch_size=4), samples, tmp_path / side, padding_side=side)
+        np.testing.assert_array_equal(alone["input_ids"].values, batched["input_ids"].values)
+        np.testing.assert_allclose(alone["hidden"].values, batched["hidden"].values, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(alone["logp_clean"].values, batched["logp_clean"].values, rtol=1e-5)
+
+
+def test_logp_clean_is_the_answer_logprob(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("llava", n_layers=3)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(2)
+    _, ds = _capture(loaded, _cfg(path, batch_size=2), samples, tmp_path / "run")
+    for row, sample in enumerate(samples):
+        enc, _, n = _reference(loaded, sample)
+        with torch.no_grad():
+            logp = torch.log_softmax(loaded.model(**enc).logits[0].double(), -1)
+        ids = enc["input_ids"][0]
+        expect = sum(float(logp[p - 1, ids[p]]) for p in range(len(ids) - n, len(ids)))
+        assert ds["logp_clean"].values[row] == pytest.approx(expect, rel=1e-6)
+
+
+def test_bfloat16_run_stores_bit_patterns(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("llava", n_layers=2)
+    cfg = config_from_dict({"model": {"path": str(path), "dtype": "bfloat16"}, "capture": {"batch_size": 2}})
+    loaded = load_model(cfg.model)
+    sample = _samples(1)[0]
+    _, ds = _capture(loaded, cfg, [sample], tmp_path / "run")
+    _, ref, _ = _reference(loaded, sample)
+    # bf16 -> float32 decoding is exact: the stored values are the model's bf16 values
+    np.testing.assert_array_equal(ds["hidden"].values[0], ref[1][0].float().numpy())
+
+
+def test_nonfinite_sample_fails_naming_the_layer(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("llava", n_layers=3)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(3)
+    poison_row = {}
+
+    def hook(module, args, output):
+        out = output.clone()
+        out[poison_row["row"], 2] = float("nan")  # one token of one row, inside layer 1
+        return out
+
+    # the batch is sorted by length then index; all llava samples have the same length
+    poison_row["row"] = 1
+    # on a submodule: nnsight reads the block's output through its own hook on the block
+    handle = loaded.layers()[1].mlp.register_forward_hook(hook)
+    try:
+        stats, ds = _capture(loaded, _cfg(path, batch_size=3), samples, tmp_path / "run")
+    finally:
+        handle.remove()
+    status = dict(zip(ds["sample_id"].values, ds["status"].values))
+    assert status == {"t/0": "ok", "t/1": STATUS_NONFINITE, "t/2": "ok"}
+    bad = int(np.flatnonzero(ds["sample_id"].values == "t/1")[0])
+    assert ds["nonfinite_layer"].values[bad] == 1
+    assert "layer 1" in ds["error"].values[bad]
+    assert stats.n_bad == 1
+
+
+def test_data_errors_are_recorded_and_the_shard_goes_on(tiny_checkpoint, tmp_path):
+    from capture.datasets import DataError
+
+    path = tiny_checkpoint("qwen2_vl", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(3)
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    samples[1]["image"] = Image.open(io.BytesIO(png.getvalue()[:60]))  # truncated file: fails on load
+    bad = DataError("t/9", "image file is truncated", index=3)
+    stats, ds = _capture(loaded, _cfg(path, batch_size=2), samples + [bad], tmp_path / "run")
+    status = dict(zip(ds["sample_id"].values, ds["status"].values))
+    assert status == {"t/0": "ok", "t/1": STATUS_DATA, "t/2": "ok", "t/9": STATUS_DATA}
+    assert stats.n_bad == 0 and stats.n_failed == 2
+    errors = dict(zip(ds["sample_id"].values, ds["error"].values))
+    assert errors["t/9"] == "image file is truncated" and "\n" not in errors["t/1"]
+
+
+def test_oom_halves_the_batch(tiny_checkpoint, tmp_path, monkeypatch):
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(4)
+    sizes = []
+    original = CaptureRunner._forward
+
+    def flaky(self, batch_samples):
+        sizes.append(len(batch_samples))
+        if len(batch_samples) > 1 or batch_samples[0].meta["sample_id"] == "t/3":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return original(self, batch_samples)
+
+    monkeypatch.setattr(CaptureRunner, "_forward", flaky)
+    _, ds = _capture(loaded, _cfg(path, batch_size=4), samples, tmp_path / "run")
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    status = dict(zip(ds["sample_id"].values, ds["status"].values))
+    assert status == {"t/0": "ok", "t/1": "ok", "t/2": "ok", "t/3": STATUS_OOM}
+
+
+def test_stop_request_ends_after_the_current_batch(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    calls = []
+    stats, ds = _capture(loaded, _cfg(path, batch_size=2), _samples(4), tmp_path / "run",
+                         should_stop=lambda: calls.append(1) or len(calls) > 1)
+    assert stats.stopped_early and stats.n_ok == 2
+    # one batch of two (the two shortest prompts) is in the store, the rest left for --resume
+    assert ds.sizes["sample"] == 2 and set(ds["status"].values) == {"ok"}
+
+
+def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import yaml
+
+    from capture import cli
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": str(path), "dtype": "float32"},
+                                      "data": {"name": "synthetic", "limit": 6},
+                                      "capture": {"batch_size": 2}}))
+    original = CaptureRunner._finish
+
+    def finish_then_signal(self, flight):
+        original(self, flight)
+        os.kill(os.getpid(), signal.SIGUSR1)  # like Slurm's --signal before the time limit
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    monkeypatch.setattr(CaptureRunner, "_finish", finish_then_signal)
+    try:
+        rc = cli.main([str(config), "--out", str(tmp_path / "run"), "--no-progress"])
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    out = capsys.readouterr().out
+    assert rc == 0 and "stopped early; rerun with --resume" in out
+    first = open_run(tmp_path / "run").sizes["sample"]
+    assert 2 <= first < 6
+    monkeypatch.setattr(CaptureRunner, "_finish", original)
+    try:
+        assert cli.main([str(config), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    ds = open_run(tmp_path / "run")
+    assert sorted(ds["sample_index"].values.tolist()) == list(range(6))
+    assert f"{6 - first} of 6 samples to do" in capsys.readouterr().out
+
+
+def test_layer_subset_and_float16_storage(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("qwen3_vl", n_layers=3)
+    loaded = load_model(_cfg(path).model)
+    sample = _samples(1)[0]
+
+    def hook(module, args, output):
+        out = output.clone()
+        out[0, 1, :3] = 1e6  # beyond float16's 65504: three clipped values per stored layer
+        return out
+
+    handle = loaded.layers()[0].mlp.register_forward_hook(hook)
+    try:
+        cfg = _cfg(path, layers=[-1, 1], store_dtype="float16")
+        _, ds = _capture(loaded, cfg, [sample], tmp_path / "run")
+        _, ref, _ = _reference(loaded, sample)
+    finally:
+        handle.remove()
+    assert ds["layer"].values.tolist() == [1, 2]
+    hidden = ds["hidden"].values
+    expect = np.clip(ref[2][0].numpy(), -65504, 65504).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(hidden[0], expect)
+    assert hidden[0][1, :3].tolist() == [65504.0] * 3
+    last = loaded.final_norm()(torch.from_numpy(hidden[1]))
+    np.testing.assert_allclose(last.detach().numpy(), ref[3][0].numpy(), atol=2e-2, rtol=2e-3)
+    # the residual keeps the 1e6 values in both stored layers
+    assert ds["fp16_overflow"].values.tolist() == [6]
