@@ -1,0 +1,244 @@
+"""Causal tracing against an independent implementation: plain torch forward hooks, one variant
+per full forward, its own patch values and its own scoring from the model's logits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from capture.causal import CHANNELS, METHODS, causal_sample, pick_donor, resample_tokens, run_causal
+
+FAMILIES = ("llava", "qwen3_vl_moe")
+N_LAYERS = 4
+
+
+def _image(h: int, w: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request, tiny_checkpoint):
+    from capture.family import load_model
+    from capture.prompts import encode_sample
+    from schemas.config import ModelConfig
+
+    torch.manual_seed(0)
+    loaded = load_model(ModelConfig(path=str(tiny_checkpoint(request.param, n_layers=N_LAYERS)),
+                                    dtype="float32", attn_implementation="eager"))
+
+    def enc(index, image, question, answer):
+        raw = {"index": index, "sample_id": f"t/{index}", "image": image, "question": question, "answer": answer}
+        RAW[f"t/{index}"] = raw
+        return encode_sample(loaded.processor, loaded.image_token_id, raw)
+
+    # Different image sizes (Qwen: 4 vs 6 visual tokens) and question lengths: swap resamples.
+    recipient = enc(3, _image(64, 64, 0), "what colour is the square ?", "red square")
+    donor = enc(7, _image(96, 64, 1), "how many ?", "blue")
+    return loaded, recipient, donor
+
+
+RAW: dict[str, dict] = {}  # dataset items by sample id, to re-encode them in the reference
+
+
+# -- the independent reference --------------------------------------------------------------------
+def ref_inputs(loaded, sample):
+    return {k: v for k, v in loaded.forward_inputs(sample.inputs).items()}
+
+
+def ref_score(loaded, sample, hook=None):
+    handle = loaded.layers()[hook[0]].register_forward_hook(hook[1]) if hook else None
+    try:
+        with torch.no_grad():
+            logits = loaded.model(**ref_inputs(loaded, sample)).logits[0]
+    finally:
+        if handle:
+            handle.remove()
+    lp = torch.log_softmax(logits.double(), -1)
+    ids = sample.input_ids
+    return sum(lp[p - 1, int(ids[p])].item() for p in np.flatnonzero(sample.is_answer))
+
+
+def ref_states(loaded, sample):
+    states = []
+    handles = [layer.register_forward_hook(lambda m, a, out: states.append(out[0].detach().clone()))
+               for layer in loaded.layers()]
+    try:
+        with torch.no_grad():
+            loaded.model(**ref_inputs(loaded, sample))
+    finally:
+        for h in handles:
+            h.remove()
+    return states
+
+
+def ref_interp(src: np.ndarray, n: int) -> np.ndarray:
+    m = src.shape[0]
+    if m == n:
+        return src
+    x = np.linspace(0, m - 1, n)
+    return np.stack([np.interp(x, np.arange(m), src[:, d]) for d in range(src.shape[1])], axis=1)
+
+
+def ref_value(method, states, idx, *, seed, index, layer, channel, donor_states=None, donor_idx=None):
+    x = states[layer][idx]
+    if method == "zero":
+        return torch.zeros_like(x)
+    if method == "mean":
+        return x.mean(0, keepdim=True).expand_as(x)
+    if method == "gaussian":
+        ss = np.random.SeedSequence([seed, index, layer, CHANNELS.index(channel)])
+        s = int(ss.generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
+        noise = torch.randn(tuple(x.shape), generator=torch.Generator().manual_seed(s))
+        sigma = float(np.std(x.numpy().astype(np.float64)))
+        return x + sigma * noise
+    src = donor_states[layer][donor_idx].numpy().astype(np.float64)
+    return torch.tensor(ref_interp(src, len(idx)), dtype=x.dtype)
+
+
+def ref_patch_hook(idx, value):
+    def hook(module, args, out):
+        out = out.clone()
+        out[0, idx] = value
+        return out
+    return hook
+
+
+def ref_causal(loaded, sample, donor, *, seed=0):
+    """delta, donor_logp_clean and donor_logp_patched the slow, obvious way."""
+    from capture.prompts import encode_sample
+
+    states, dstates = ref_states(loaded, sample), ref_states(loaded, donor)
+    clean = ref_score(loaded, sample)
+    # the recipient's prompt with the donor's answer, encoded by the prompt builder itself
+    alt = encode_sample(loaded.processor, loaded.image_token_id, RAW[sample.meta["sample_id"]],
+                        answer=donor.meta["answer"])
+    alt_clean = ref_score(loaded, alt)
+    delta = np.zeros((N_LAYERS, len(METHODS), len(CHANNELS)))
+    donor_patched = np.zeros((N_LAYERS, len(CHANNELS)))
+    index = sample.meta["index"]
+    for li in range(N_LAYERS):
+        for mi, method in enumerate(METHODS):
+            for ci, channel in enumerate(CHANNELS):
+                mask = sample.is_visual if channel == "visual" else sample.is_text
+                idx = np.flatnonzero(mask)
+                didx = np.flatnonzero(donor.is_visual if channel == "visual" else donor.is_text)
+                value = ref_value(method, states, idx, seed=seed, index=index, layer=li, channel=channel,
+                                  donor_states=dstates, donor_idx=didx)
+                hook = (li, ref_patch_hook(torch.as_tensor(idx), value))
+                delta[li, mi, ci] = clean - ref_score(loaded, sample, hook)
+                if method == "swap":
+                    donor_patched[li, ci] = ref_score(loaded, alt, hook)
+    return clean, delta, alt_clean, donor_patched
+
+
+_REFERENCE: dict[int, tuple] = {}
+
+
+def _reference(setup):
+    # computed once per family (the slow part), compared against both paths
+    if id(setup[0]) not in _REFERENCE:
+        _REFERENCE[id(setup[0])] = ref_causal(*setup)
+    return _REFERENCE[id(setup[0])]
+
+
+# -- tests ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prefix", [True, False])
+def test_every_method_channel_layer_matches_hooks(setup, prefix):
+    loaded, sample, donor = setup
+    clean, delta, alt_clean, donor_patched = _reference(setup)
+    res = causal_sample(loaded, sample, methods=METHODS, channels=CHANNELS, layers=list(range(N_LAYERS)),
+                        donor=donor, prefix=prefix, batch_size=8)
+    assert res.error == ""
+    v = res.values
+    assert v["logp_clean"] == pytest.approx(clean, abs=1e-4)
+    assert v["delta"].shape == (N_LAYERS, len(METHODS), len(CHANNELS))
+    np.testing.assert_allclose(v["delta"], delta, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(v["logp_patched"], clean - delta, atol=1e-3, rtol=0)
+    assert v["swap_donor"] == "t/7"
+    assert v["donor_logp_clean"] == pytest.approx(alt_clean, abs=1e-4)
+    np.testing.assert_allclose(v["donor_logp_patched"], donor_patched, atol=1e-3, rtol=0)
+    # The comparison is not vacuous: the patches move the score.
+    assert np.abs(delta[0]).max() > 1e-3
+
+
+def test_batched_equals_one_variant_per_forward(setup):
+    loaded, sample, donor = setup
+    kw = dict(methods=["zero", "gaussian"], channels=["visual", "text"], layers=list(range(N_LAYERS)), seed=5)
+    batched = causal_sample(loaded, sample, batch_size=16, **kw).values["delta"]
+    single = causal_sample(loaded, sample, batch_size=1, **kw).values["delta"]
+    full = causal_sample(loaded, sample, batch_size=1, prefix=False, **kw).values["delta"]
+    np.testing.assert_allclose(batched, single, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(batched, full, atol=1e-5, rtol=0)
+    assert np.isfinite(batched).all()
+
+
+def test_gaussian_is_seeded(setup):
+    loaded, sample, _ = setup
+    kw = dict(methods=["gaussian"], channels=["visual"], layers=[0, 1])
+    a = causal_sample(loaded, sample, seed=1, **kw).values["delta"]
+    b = causal_sample(loaded, sample, seed=1, **kw).values["delta"]
+    c = causal_sample(loaded, sample, seed=2, **kw).values["delta"]
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_failed_variants_mark_the_sample_not_the_run(setup):
+    loaded, sample, _ = setup
+
+    def boom(module, args, out):
+        if out.shape[0] > 1:  # the clean pass (one row) goes through
+            raise RuntimeError("injected failure")
+
+    handle = loaded.layers()[2].register_forward_hook(boom)
+    try:
+        res = causal_sample(loaded, sample, methods=["zero"], channels=["visual"], layers=list(range(N_LAYERS)),
+                            batch_size=2)
+    finally:
+        handle.remove()
+    delta = res.values["delta"][:, 0, 0]
+    assert "injected failure" in res.error and "t/3" in res.error and "\n" not in res.error
+    # Variants at layers 0 and 1 run block 2 and fail; those at 2 and 3 start after it.
+    assert np.isnan(delta[:2]).all() and np.isfinite(delta[2:]).all()
+
+
+def test_sample_without_image_has_nan_visual_channel(setup):
+    from capture.prompts import encode_sample
+
+    loaded, _, _ = setup
+    s = encode_sample(loaded.processor, loaded.image_token_id,
+                      {"index": 0, "sample_id": "t/0", "image": None, "question": "what ?", "answer": "red"})
+    res = causal_sample(loaded, s, methods=["zero", "mean"], channels=["visual", "text"], layers=[0, 3])
+    assert res.error == ""
+    assert np.isnan(res.values["delta"][..., 0]).all() and np.isfinite(res.values["delta"][..., 1]).all()
+
+
+def test_runner_hook_returns_one_dict_per_sample(setup):
+    from capture.prompts import collate
+    from schemas.config import CausalConfig
+
+    loaded, sample, donor = setup
+    batch = collate([sample, donor], loaded.pad_token_id)
+    coords = {"layer": [1, 3], "method": ["swap", "zero"], "channel": ["text"]}
+    out = run_causal(loaded, batch, CausalConfig(methods=["swap", "zero"], channels=["text"], layers=[1, 3]),
+                     coords=coords, donors=[donor, None])
+    assert len(out) == 2
+    assert out[0]["delta"].shape == (2, 2, 1) and out[0]["donor_logp_patched"].shape == (2, 1)
+    assert "error" not in out[0] and np.isfinite(out[0]["delta"]).all()
+    assert "no donor" in out[1]["error"]
+    assert np.isnan(out[1]["delta"][:, 0]).all() and np.isfinite(out[1]["delta"][:, 1]).all()
+
+
+def test_donor_choice_and_resampling():
+    picks = [pick_donor(i, 5, seed=3) for i in range(5)]
+    assert all(p != i and 0 <= p < 5 for i, p in enumerate(picks))
+    assert picks == [pick_donor(i, 5, seed=3) for i in range(5)]
+    src = torch.tensor([[0.0, 10.0], [3.0, 10.0], [9.0, 16.0]])
+    np.testing.assert_allclose(resample_tokens(src, 5).numpy(), ref_interp(src.numpy().astype(float), 5), atol=1e-6)
+    assert resample_tokens(src, 3) is src
+    assert math.isclose(float(resample_tokens(src[:1], 4).sum()), 40.0)
