@@ -16,7 +16,7 @@ COMMANDS = {
     "slurm": ("slurm.cli", "submit capture + analysis jobs to Slurm, or show their status"),
     "data": ("capture.data_cli", "stage a hub dataset to a local directory for offline nodes"),
     "organism": ("capture.organism", "train the model organism with a planted modality cliff"),
-    "demo": ("demo_cli", "run the whole pipeline offline on the built-in organism"),
+    "demo": ("gap", "run the whole pipeline offline on the built-in model organism"),
 }
 
 USAGE = """usage: gap COMMAND [ARGS...]
@@ -38,6 +38,60 @@ def _usage() -> str:
     return USAGE.format(commands="\n".join(lines))
 
 
+def demo(argv: list[str]) -> int:
+    """``gap demo [--out DIR]``: organism -> capture (every intervention) -> analysis -> report.
+
+    The only place that calls both rooms, which is why it lives in the dispatcher.
+    """
+    import argparse
+    import json
+    import shutil
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="gap demo",
+        description="Run the whole pipeline offline on the shipped model organism (a tiny LLaVA "
+                    "with a planted modality cliff) and the synthetic dataset: capture with all "
+                    "interventions, analysis, checkpoint decisions and a report.")
+    parser.add_argument("--out", default="demo", help="output directory (default: ./demo)")
+    parser.add_argument("--cliff", type=int, default=None,
+                        help="which shipped organism (planted cliff layer; default: the demo's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the demo config, e.g. data.limit=16")
+    args = parser.parse_args(argv)
+
+    from capture import cli as capture_cli
+    from capture.organism import ORGANISM_DIR, organism_path
+
+    config = ORGANISM_DIR / "demo.yaml"
+    if args.cliff is not None:
+        model_path = organism_path(args.cliff)
+    else:
+        from schemas.config import load_config
+
+        model_path = (Path(__file__).parent / load_config(config).model.path).resolve()
+    overrides = [f"model.path={model_path}", *args.overrides]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_path / "organism.json", out / "organism.json")
+    run = out / "run"
+    print(f"[demo] organism {model_path.name}: planted cliff "
+          f"{json.loads((out / 'organism.json').read_text())['planted_cliff']}; capturing into {run}")
+    code = capture_cli.main([str(config), "--out", str(run), "--resume"] +
+                            [a for o in overrides for a in ("--set", o)])
+    if code:
+        return code
+    from analyze import cli as analyze_cli
+
+    print(f"[demo] analysing {run}")
+    code = analyze_cli.main([str(run), "--out", str(out / "analysis")])
+    if code:
+        return code
+    report = (out / "analysis" / "report.md").resolve()
+    print(f"[demo] report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -50,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from schemas.errors import GapError
 
     try:
+        if name == "demo":
+            return demo(rest)
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except GapError as exc:

@@ -125,9 +125,10 @@ def ensure_run(run: Path, spec: RunSpec, n_shards: int) -> dict[str, Any]:
     """Create the run's root group, or check that an existing run measures the same thing."""
     run = Path(run)
     try:
-        # Leftovers of our own atomic writes start with a dot; anything else means a foreign directory.
+        # Leftovers of our own atomic writes start with a dot, and `gap slurm submit` writes its
+        # scripts and config copy to slurm/ before the first task; anything else is foreign.
         if run.exists() and not (run / "zarr.json").exists() and any(
-                not p.name.startswith(".") for p in run.iterdir()):
+                not p.name.startswith(".") and p.name != "slurm" for p in run.iterdir()):
             raise GapError(f"{run} exists and is not a gap run (no zarr.json); choose another --out")
         run.mkdir(parents=True, exist_ok=True)
         attrs = {**spec.attrs(), "n_shards": n_shards, "provenance": provenance()}

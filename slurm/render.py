@@ -1,0 +1,269 @@
+"""Render readable sbatch scripts from a :class:`schemas.config.SlurmConfig` (pure functions).
+
+A script is four named slots, like dask-jobqueue's template: the ``#SBATCH`` *header*, the
+*prologue* (site setup lines from ``slurm.setup``, then the offline environment), the *command*
+and the *epilogue*. ``slurm.extra`` / ``slurm.analysis.extra`` are the escape hatch for site flags
+(``-C gpu``, ``--account=...``, ``--qos=...``), copied as extra ``#SBATCH`` lines.
+
+Every path that comes from a config or the command line goes through :func:`shlex.quote`, once,
+into a shell variable (``RUN=...``) that the rest of the script uses as ``"$RUN"``.
+
+Preemption and time limits: the capture array asks for ``--signal=B:USR1@<signal_seconds>``.
+``B:`` sends the warning to the batch shell only (without it Slurm signals job *steps*, and the
+capture runs in the batch step, not in an ``srun`` step); the shell passes it on to ``gap
+capture``, which finishes the current batch, commits and exits 0. The script then requeues itself
+(``--requeue``, ``--open-mode=append`` keeps one log) and the next start resumes from the store.
+On ``scancel``, a time-limit kill or a preemption Slurm sends SIGTERM to every process of the job
+itself, so the shell does not forward SIGTERM (a second signal must not reach ``gap capture``) and
+only waits for it to commit.
+
+Examples
+--------
+>>> from schemas.config import SlurmConfig
+>>> script = render_capture(SlurmConfig(shards=2, gpus=0), run_dir="/runs/r 1",
+...                         config_path="/runs/r 1/slurm/config.yaml", gap=["gap"])
+>>> "#SBATCH --array=0-1" in script and "RUN='/runs/r 1'" in script
+True
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import PurePath
+
+from schemas.config import ConfigError, SlurmAnalysisConfig, SlurmConfig
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+CAPTURE_SCRIPT = "capture.sbatch"
+ANALYSIS_SCRIPT = "analysis.sbatch"
+# A shard that keeps hitting its time limit without finishing is requeued at most this often.
+MAX_REQUEUES = 50
+
+_MEM = re.compile(r"^\d+[KMGT]?$")
+# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
+
+
+def _check_line(value: str, key: str) -> None:
+    if "\n" in value or "\r" in value:
+        raise ConfigError(f"{key}: {value!r} must be a single line")
+
+
+def _check_resources(mem: str, time: str, prefix: str) -> None:
+    if not _MEM.match(mem):
+        raise ConfigError(f"{prefix}.mem: {mem!r} is not a Slurm memory size (e.g. 64G, 500M)")
+    if not _TIME.match(time):
+        raise ConfigError(f"{prefix}.time: {time!r} is not a Slurm time (e.g. \"02:00:00\", \"1-12:00:00\")")
+
+
+def time_seconds(text: str) -> int:
+    """Seconds in a Slurm ``--time`` value (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S).
+
+    >>> time_seconds("02:00:00"), time_seconds("90"), time_seconds("1-12")
+    (7200, 5400, 129600)
+    """
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-H[:M[:S]]
+        h, m, s = (parts + [0, 0])[:3]
+    else:  # M, M:S or H:M:S
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
+
+
+def array_spec(tasks: Sequence[int]) -> str:
+    """Slurm ``--array`` text for task ids, compressing runs into ranges.
+
+    >>> array_spec([0, 1, 2, 3])
+    '0-3'
+    >>> array_spec([1, 3, 4, 5, 7])
+    '1,3-5,7'
+    """
+    ids = sorted({int(t) for t in tasks})
+    if not ids:
+        raise ValueError("no array tasks to render")
+    parts, start, prev = [], ids[0], ids[0]
+    for t in ids[1:] + [None]:
+        if t is not None and t == prev + 1:
+            prev = t
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if t is not None:
+            start = prev = t
+    return ",".join(parts)
+
+
+def log_pattern(directory: str | PurePath, pattern: str) -> str:
+    """An sbatch ``--output`` value: ``%`` in the directory doubled so only ``pattern`` expands.
+
+    >>> log_pattern("/runs/100%", "capture_%A_%a.out")
+    '/runs/100%%/capture_%A_%a.out'
+    """
+    return str(PurePath(directory)).replace("%", "%%") + "/" + pattern
+
+
+def extra_directives(extra: Sequence[str], key: str) -> list[str]:
+    """``#SBATCH`` lines for site flags (``-C gpu`` -> ``#SBATCH -C gpu``), as dask-jobqueue does.
+
+    >>> extra_directives(["-C gpu", "#SBATCH --qos=long"], "slurm.extra")
+    ['#SBATCH -C gpu', '#SBATCH --qos=long']
+    """
+    out = []
+    for i, item in enumerate(extra):
+        item = item.strip()
+        _check_line(item, f"{key}[{i}]")
+        if item.startswith("#SBATCH"):
+            out.append(item)
+        elif item.startswith("-"):
+            out.append(f"#SBATCH {item}")
+        else:
+            raise ConfigError(f"{key}[{i}]: {item!r} is not an sbatch option (start it with '-')")
+    return out
+
+
+def _directive(option: str, value: object) -> str:
+    return f"#SBATCH --{option}={shlex.quote(str(value))}"
+
+
+def _resources(partition: str | None, cpus: int, mem: str, time: str) -> list[str]:
+    lines = [_directive("partition", partition)] if partition else []
+    return lines + [_directive("nodes", 1), _directive("ntasks", 1), _directive("cpus-per-task", cpus),
+                    _directive("mem", mem), _directive("time", time)]
+
+
+def _prologue(setup: Sequence[str], variables: dict[str, str]) -> list[str]:
+    for i, line in enumerate(setup):
+        _check_line(line, f"slurm.setup[{i}]")
+    lines = ["# --- prologue: site setup (slurm.setup), then no network from here on"]
+    lines += list(setup)
+    # set -u only after the setup lines: conda's activate scripts read unset variables.
+    lines += ["set -uo pipefail", "export " + " ".join(f"{name}=1" for name in OFFLINE_ENV)]
+    lines += [f"{name}={shlex.quote(value)}" for name, value in variables.items()]
+    return lines
+
+
+def render_script(header: Sequence[str], prologue: Sequence[str], command: Sequence[str],
+                  epilogue: Sequence[str] = ()) -> str:
+    """Join the four slots into a bash script (``umask 027``: nothing a job writes is world-readable).
+
+    >>> print(render_script(["#SBATCH --time=1"], ["X=1"], ["echo $X"]))
+    #!/usr/bin/env bash
+    #SBATCH --time=1
+    umask 027
+    X=1
+    echo $X
+    <BLANKLINE>
+    """
+    body = ["#!/usr/bin/env bash", *header, "umask 027", *prologue, *command, *epilogue]
+    return "\n".join(body) + "\n"
+
+
+def _job_name(kind: str, run_dir: str) -> str:
+    name = PurePath(run_dir).name or "run"
+    return f"gap-{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+
+
+def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: Sequence[str],
+                   tasks: Sequence[int] | None = None) -> str:
+    """The capture array script: one task per shard, probe first, then ``gap capture --resume``.
+
+    Parameters
+    ----------
+    slurm : SlurmConfig
+        Resources, site flags and setup lines (``slurm.gpus: 0`` renders no ``--gres``).
+    run_dir, config_path : str
+        Absolute run directory and the config copy inside it that every task reads.
+    gap : sequence of str
+        The command that runs gap on the node, e.g. ``["/venv/bin/gap"]`` or ``["gap"]``.
+    tasks : sequence of int, optional
+        Shards to (re)submit; all ``slurm.shards`` by default.
+
+    Examples
+    --------
+    >>> s = render_capture(SlurmConfig(shards=4, gpus=4, signal_seconds=300), run_dir="/r",
+    ...                    config_path="/r/slurm/config.yaml", gap=["gap"], tasks=[1, 3])
+    >>> [line for line in s.splitlines() if line.startswith(("#SBATCH --array", "#SBATCH --gres", "#SBATCH --sig"))]
+    ['#SBATCH --array=1,3', '#SBATCH --gres=gpu:4', '#SBATCH --signal=B:USR1@300']
+    """
+    _check_resources(slurm.mem, slurm.time, "slurm")
+    if slurm.signal_seconds and slurm.signal_seconds >= time_seconds(slurm.time):
+        # The warning would come at the start: every task would requeue itself at once.
+        raise ConfigError(f"slurm.signal_seconds ({slurm.signal_seconds}) must be shorter than "
+                          f"slurm.time ({slurm.time})")
+    n = slurm.shards
+    tasks = list(range(n)) if tasks is None else list(tasks)
+    if any(not 0 <= t < n for t in tasks):
+        raise ConfigError(f"slurm.shards: tasks {tasks} are not all in 0..{n - 1}")
+    log = log_pattern(PurePath(run_dir) / "slurm" / "logs", "capture_%A_%a.out")
+    header = [_directive("job-name", _job_name("capture", run_dir)),
+              _directive("array", array_spec(tasks)),
+              *_resources(slurm.partition, slurm.cpus, slurm.mem, slurm.time)]
+    if slurm.gpus:
+        header.append(_directive("gres", f"gpu:{slurm.gpus}"))
+    header += [_directive("output", log), _directive("open-mode", "append"), "#SBATCH --requeue"]
+    if slurm.signal_seconds:
+        header.append(_directive("signal", f"B:USR1@{slurm.signal_seconds}"))
+    header += extra_directives(slurm.extra, "slurm.extra")
+    header.append(f"# gap capture, {n} shard(s): written by `gap slurm submit`; "
+                  "resubmitting the same command resumes from the store.")
+    gap_cmd = shlex.join(gap)
+    prologue = _prologue(slurm.setup, {"RUN": run_dir, "CONFIG": config_path})
+    prologue += [f'SHARD="$SLURM_ARRAY_TASK_ID/{n}"',
+                 ('echo "$(date "+%F %T") gap capture shard $SHARD of $RUN on $(hostname)'
+                  ' (job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}, restart ${SLURM_RESTART_COUNT:-0})"')]
+    command = [
+        "# --- command: check the node fast, then capture this shard in the background so that",
+        "# the shell can pass the time-limit warning (SIGUSR1) on to it",
+        f'{gap_cmd} slurm probe "$CONFIG" || exit 1',
+        'stopped=0; child=""',
+        "trap 'stopped=1; kill -USR1 \"$child\" 2>/dev/null' USR1",
+        "trap 'echo \"gap capture shard $SHARD: SIGTERM, waiting for the current batch to commit\"' TERM",
+        f'{gap_cmd} capture "$CONFIG" --out "$RUN" --shard "$SHARD" --resume &',
+        "child=$!",
+        'wait "$child"; rc=$?',
+        "# wait returns early (> 128) when a trapped signal arrives; wait again for the exit status",
+        'while [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done',
+    ]
+    epilogue = [
+        "# --- epilogue: stopped before the time limit -> back into the queue; the restart resumes",
+        f'if [ "$rc" -eq 0 ] && [ "$stopped" -eq 1 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {MAX_REQUEUES} ]; then',
+        # ARRAY_TASK, not SLURM_JOB_ID: for one task that id can be the array's, requeueing all.
+        '    task="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        '    echo "gap capture shard $SHARD stopped early; requeueing $task"',
+        '    scontrol requeue "$task"',
+        "fi",
+        'exit "$rc"',
+    ]
+    return render_script(header, prologue, command, epilogue)
+
+
+def render_analysis(slurm: SlurmConfig, *, run_dir: str, gap: Sequence[str],
+                    analyze_args: Sequence[str] = ()) -> str:
+    """The analysis job script (CPU): ``gap analyze RUN --out RUN/analysis --workers CPUS [analyze_args]``.
+
+    ``analyze_args`` are further ``gap analyze`` options (e.g. ``--no-plots``). The script is
+    submitted with ``--dependency=afterok:<capture array id>`` on the sbatch command line, since
+    that id exists only after the capture array is submitted.
+
+    Examples
+    --------
+    >>> s = render_analysis(SlurmConfig(), run_dir="/r", gap=["gap"])
+    >>> [line for line in s.splitlines() if "--partition" in line or line.startswith("gap analyze")]
+    ['#SBATCH --partition=cpu', 'gap analyze "$RUN" --out "$RUN/analysis" --workers 8']
+    """
+    ana: SlurmAnalysisConfig = slurm.analysis
+    _check_resources(ana.mem, ana.time, "slurm.analysis")
+    log = log_pattern(PurePath(run_dir) / "slurm" / "logs", "analysis_%j.out")
+    header = [_directive("job-name", _job_name("analyze", run_dir)),
+              *_resources(ana.partition, ana.cpus, ana.mem, ana.time),
+              _directive("output", log), _directive("open-mode", "append"),
+              *extra_directives(ana.extra, "slurm.analysis.extra"),
+              "# gap analysis: written by `gap slurm submit`; runs once every capture task succeeded."]
+    prologue = _prologue(slurm.setup, {"RUN": run_dir})
+    more = "".join(" " + shlex.quote(arg) for arg in analyze_args)
+    command = ["# --- command: one Dask worker per allocated CPU (without task binding a job sees",
+               "# every core of the node)",
+               f'{shlex.join(gap)} analyze "$RUN" --out "$RUN/analysis" --workers {ana.cpus}{more}']
+    return render_script(header, prologue, command)
