@@ -1,0 +1,175 @@
+"""Causal-tracing summaries: effective visual depth, tau, the cliff boundary and transfer layers.
+
+Inputs are ``delta`` matrices of shape (n_samples, n_layers) for one method and channel
+(``D(l) = s_clean - s_patched(l)``, NaN where a value was not captured) and the matching layer
+indices (the run's ``layer`` coordinate, which may skip layers).  RESEARCH.md section 1.
+
+Examples
+--------
+>>> d = np.array([[2.0, 1.0, 0.5, 0.0], [2.0, 2.0, 0.0, 0.0]])
+>>> evd_threshold(d, [0, 1, 2, 3], tau=0.5).tolist()
+[2.0, 1.0]
+>>> cliff_boundary(d, [0, 1, 2, 3], "median_evd", tau=0.5)
+1.0
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+
+__all__ = ["CLIFF_METHODS", "adaptive_tau", "cliff_boundary", "evd_area", "evd_threshold",
+           "mean_curve", "transfer_point", "transfer_window"]
+
+CliffMethod = Literal["median_evd", "gradient", "threshold_crossing"]
+CLIFF_METHODS: tuple[str, ...] = ("median_evd", "gradient", "threshold_crossing")
+
+
+def _as_matrix(delta: np.ndarray, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    d = np.atleast_2d(np.asarray(delta, dtype=np.float64))
+    lay = np.asarray(layers, dtype=np.float64)
+    if d.shape[-1] != lay.size:
+        raise ValueError(f"delta has {d.shape[-1]} layers but {lay.size} layer indices were given")
+    return d, lay
+
+
+def evd_threshold(delta: np.ndarray, layers: Sequence[int], tau: float) -> np.ndarray:
+    """Effective visual depth ``max{l : D(l) >= tau}`` per sample.
+
+    Returns -1 for a sample whose delta never reaches ``tau`` (the visual tokens matter at no
+    captured layer) and NaN for a sample with no finite delta at all.
+
+    Examples
+    --------
+    >>> evd_threshold(np.array([[0.0, 0.0], [np.nan, np.nan]]), [4, 8], tau=0.01).tolist()
+    [-1.0, nan]
+    """
+    d, lay = _as_matrix(delta, layers)
+    hit = d >= tau  # NaN compares False
+    last = np.where(hit.any(axis=1), lay[lay.size - 1 - np.argmax(hit[:, ::-1], axis=1)], -1.0)
+    return np.where(np.isfinite(d).any(axis=1), last, np.nan)
+
+
+def evd_area(delta: np.ndarray) -> np.ndarray:
+    """Area form of EVD: ``sum_l max(D(l), 0) / (L * max_l D(l))``, in [0, 1] per sample.
+
+    0 when no delta is positive, NaN when a sample has no finite delta.  NaN layers count as 0
+    in the sum and in ``L``'s place nothing changes (L is the number of layers given).
+
+    Examples
+    --------
+    >>> evd_area(np.array([[1.0, 1.0, 0.0, -1.0]])).tolist()
+    [0.5]
+    """
+    d = np.atleast_2d(np.asarray(delta, dtype=np.float64))
+    pos = np.clip(np.nan_to_num(d, nan=0.0), 0.0, None)
+    top = pos.max(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        area = np.where(top > 0, pos.sum(axis=1) / (d.shape[1] * top), 0.0)
+    return np.where(np.isfinite(d).any(axis=1), area, np.nan)
+
+
+def adaptive_tau(delta: np.ndarray, ratio: float) -> float:
+    """Adaptive threshold ``ratio * mean D(first layer)`` over a pilot set of samples.
+
+    Examples
+    --------
+    >>> adaptive_tau(np.array([[2.0, 1.0], [4.0, 0.0]]), 0.1)
+    0.30000000000000004
+    """
+    first = np.atleast_2d(np.asarray(delta, dtype=np.float64))[:, 0]
+    first = first[np.isfinite(first)]
+    if first.size == 0:
+        return float("nan")
+    return float(ratio * first.mean())
+
+
+def mean_curve(delta: np.ndarray) -> np.ndarray:
+    """Mean delta per layer over the samples with a finite value there."""
+    d = np.atleast_2d(np.asarray(delta, dtype=np.float64))
+    counts = np.isfinite(d).sum(axis=0)
+    sums = np.nansum(d, axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def cliff_boundary(delta: np.ndarray, layers: Sequence[int], method: CliffMethod, tau: float,
+                   evd: np.ndarray | None = None) -> float:
+    """The population cliff layer by one of three methods.
+
+    - ``median_evd``: the lower median of the samples' EVD (an EVD that occurred; -1 when most
+      samples never reach tau).
+    - ``gradient``: the layer after which the mean delta curve drops the most per layer, i.e.
+      ``l_i`` for the steepest ``(m(l_{i+1}) - m(l_i)) / (l_{i+1} - l_i)``.
+    - ``threshold_crossing``: the first layer where the mean delta is below ``tau``.
+
+    NaN when the method has nothing to go on (no samples, one layer, no crossing).
+
+    Examples
+    --------
+    >>> d = np.array([[3.0, 3.0, 0.5, 0.2, 0.0]])
+    >>> cliff_boundary(d, [0, 1, 2, 3, 4], "gradient", tau=0.3)
+    1.0
+    >>> cliff_boundary(d, [0, 1, 2, 3, 4], "threshold_crossing", tau=0.3)
+    3.0
+    """
+    d, lay = _as_matrix(delta, layers)
+    if method == "median_evd":
+        values = evd_threshold(d, lay, tau) if evd is None else np.asarray(evd, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        return float(np.quantile(values, 0.5, method="lower")) if values.size else float("nan")
+    curve = mean_curve(d)
+    if method == "gradient":
+        slope = np.diff(curve) / np.diff(lay)
+        if slope.size == 0 or not np.isfinite(slope).any():
+            return float("nan")
+        return float(lay[int(np.nanargmin(slope))])
+    if method == "threshold_crossing":
+        below = np.flatnonzero(curve < tau)
+        return float(lay[below[0]]) if below.size else float("nan")
+    raise ValueError(f"unknown cliff method {method!r}; choose from {', '.join(CLIFF_METHODS)}")
+
+
+def transfer_window(curve: np.ndarray, layers: Sequence[int], *, early_layers: int = 1,
+                    upper: float = 0.9, lower: float = 0.1) -> tuple[float, float]:
+    """The window over which the mean visual contribution fades: ``(start, end)`` layers.
+
+    The early level is the mean of the curve over its first ``early_layers`` layers; ``start`` is
+    the first later layer below ``upper`` x that level, ``end`` the first below ``lower`` x it.
+    NaN for a bound that is never crossed (or a non-positive early level).
+
+    Examples
+    --------
+    >>> transfer_window(np.array([1.0, 0.95, 0.8, 0.4, 0.05]), [0, 1, 2, 3, 4])
+    (2.0, 4.0)
+    """
+    c, lay = _as_matrix(curve, layers)
+    c = c[0]
+    level = np.nanmean(c[:early_layers]) if c.size else np.nan
+    if not np.isfinite(level) or level <= 0:
+        return float("nan"), float("nan")
+
+    def first_below(fraction: float) -> float:
+        hits = np.flatnonzero(c[early_layers:] < fraction * level)
+        return float(lay[early_layers + hits[0]]) if hits.size else float("nan")
+
+    return first_below(upper), first_below(lower)
+
+
+def transfer_point(delta_visual: np.ndarray, delta_text: np.ndarray,
+                   layers: Sequence[int]) -> np.ndarray | float:
+    """First layer where ``|D_visual|`` falls below ``|D_text|`` (dual-channel tracing).
+
+    1-D inputs (mean curves) give a float; 2-D inputs (samples x layers) give one value per
+    sample.  NaN where visual never falls below text.
+
+    Examples
+    --------
+    >>> transfer_point(np.array([3.0, 2.0, 0.5]), np.array([1.0, 1.0, 1.0]), [0, 4, 8])
+    8.0
+    """
+    v, lay = _as_matrix(delta_visual, layers)
+    t, _ = _as_matrix(delta_text, layers)
+    below = np.abs(v) < np.abs(t)
+    point = np.where(below.any(axis=1), lay[np.argmax(below, axis=1)], np.nan)
+    return float(point[0]) if np.ndim(delta_visual) == 1 else point

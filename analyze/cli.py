@@ -1,0 +1,170 @@
+"""``gap analyze RUN``: metrics, checkpoint decisions, plots and a report from a run store (CPU).
+
+Examples
+--------
+>>> main(["runs/r1", "--out", "runs/r1/analysis", "--scheduler", "local"])   # doctest: +SKIP
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import GapError
+
+log = logging.getLogger("gap.analyze")
+
+DESCRIPTION = """Analyse a run store on CPUs: causal summaries (EVD, cliff, transfer window),
+truncation accuracy curves, geometry (effective rank, ICC, CKA; with and without massive
+activations) in one read of the activations, the checkpoint decisions CP1-CP3, figures and
+report.md.  A run still being captured, or with failed samples, is analysed on its committed
+samples with status ok, and the report says so."""
+
+EPILOG = """schedulers:
+  local            a Dask cluster of one worker process per core, on 127.0.0.1 only (default)
+  threads          the same inside this process (small runs)
+  slurm            dask-jobqueue SLURMCluster from the config's slurm.analysis section, TLS
+  tcp://HOST:PORT  an existing Dask scheduler (tls://... with your Dask TLS config)
+
+examples:
+  gap analyze runs/r1
+  gap analyze runs/r1 --out /tmp/a --set analysis.cliff_method=gradient --set analysis.massive_k=50
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gap analyze", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory written by `gap capture`")
+    p.add_argument("--out", help="output directory (default: RUN/analysis)")
+    p.add_argument("--scheduler", default="local", help="local | threads | slurm | tcp://HOST:PORT")
+    p.add_argument("--workers", type=int, help="local workers (default: one per available core)")
+    p.add_argument("--jobs", type=int, default=1, help="Slurm jobs for --scheduler slurm (default 1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. analysis.tau=0.02 (VALUE is YAML); repeatable")
+    p.add_argument("--memory-budget", default="256M",
+                   help="memory for geometry accumulators and chunks in flight, e.g. 128M, 2G "
+                        "(default 256M; more means more layers per pass, fewer passes)")
+    p.add_argument("--relabel", action="store_true",
+                   help="relabel hard/easy from the truncation results before the curves and CP1")
+    p.add_argument("--no-plots", action="store_true", help="skip the figures (report without them)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_bytes(text: str) -> int:
+    """``512M`` -> 536870912.
+
+    >>> parse_bytes("2G"), parse_bytes("1500")
+    (2147483648, 1500)
+    """
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().rstrip("B")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise GapError(f"--memory-budget {text!r}: expected a size like 512M or 2G") from None
+
+
+def run_config(run: Any, overrides: list[str]) -> Any:
+    """The run's stored config with ``--set`` overrides applied (analysis/slurm keys usually)."""
+    import yaml
+
+    from schemas.config import apply_overrides, config_from_dict
+
+    raw = yaml.safe_load(run.attrs.get("config_yaml") or "") or {"model": {"path": str(run.attrs.get("model_path"))}}
+    return config_from_dict(apply_overrides(raw, overrides), "run config + --set")
+
+
+def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: str = "local",
+            workers: int | None = None, jobs: int = 1, overrides: list[str] | None = None,
+            memory_budget: int = 256 << 20, relabel: bool = False, plots: bool = True,
+            progress: bool = True) -> Path:
+    """Analyse a run end to end; returns the path of ``report.md``."""
+    from analyze import results
+    from analyze.decisions import decide
+    from analyze.pipeline import geometry, open_client
+    from analyze.report import write_report
+    from store import open_run, read_run
+
+    state = read_run(run_dir)
+    run = open_run(run_dir, chunks=chunk_tokens(state.hidden))
+    cfg = run_config(run, overrides or [])
+    out = Path(out) if out else Path(run_dir) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    ok = results.ok_mask(run)
+    if run.attrs.get("n_total", 0) and (ok.sum() < run.attrs["n_total"]):
+        log.warning("partial run: %d of %d samples committed with status ok; analysing those",
+                    int(ok.sum()), run.attrs["n_total"])
+    geo = None
+    captured = state.hidden.get("layers") or []
+    if "hidden" in run and captured and ok.any():
+        hidden = run["hidden"].sel(layer=captured)
+        with open_client(scheduler, workers=workers, slurm=cfg.slurm.analysis, setup=cfg.slurm.setup,
+                         jobs=jobs, scratch=out / ".dask") as client:
+            log.info("geometry over %d layers x %d tokens (%s)", len(captured), run.sizes["token"], scheduler)
+            geo = geometry(hidden, run["token_sample"].values, run["is_visual"].values,
+                           run["is_text"].values, ok, client=client, scratch=out / ".scratch",
+                           massive_k=cfg.analysis.massive_k, memory_budget=memory_budget,
+                           progress=progress)
+    analysis = results.build(run, cfg.analysis, geo, relabel=relabel, source=str(run_dir))
+    results.write(analysis, out)
+    decision = decide(analysis, cfg.analysis)
+    decision["overall"]["partial"] = bool(analysis.attrs["partial"])
+    (out / "decision.json").write_text(json.dumps(_jsonable(decision), indent=1))
+    figures = {}
+    if plots:
+        from analyze.plots import make_all
+
+        figures = make_all(analysis, decision, out)
+    return write_report(analysis, decision, figures, out)
+
+
+def chunk_tokens(hidden: dict[str, Any], target_bytes: int = 32 << 20) -> int | None:
+    """Tokens per Dask chunk: whole store blocks, about ``target_bytes`` of float32 per layer.
+
+    Smaller than the store view's default so that each task (a chunk's samples, all layers of a
+    pass) stays small in the workers' memory.
+    """
+    block, size = hidden.get("block_tokens"), hidden.get("hidden_size")
+    if not block or not size:
+        return None
+    return int(block * max(1, target_bytes // (block * size * 4)))
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON: numpy scalars to Python, NaN/inf to null."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    return obj
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("gap analyze: %(message)s"))
+    # Our own progress messages; only warnings from Dask's chatty cluster loggers.
+    handler.addFilter(lambda r: r.name.startswith("gap") or r.levelno >= logging.WARNING)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler],
+                        force=True)
+    report = analyse(args.run, args.out, scheduler=args.scheduler, workers=args.workers, jobs=args.jobs,
+                     overrides=args.overrides, memory_budget=parse_bytes(args.memory_budget),
+                     relabel=args.relabel, plots=not args.no_plots, progress=not args.quiet)
+    print(report)
+    return 0

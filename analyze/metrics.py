@@ -1,0 +1,419 @@
+"""Geometry metrics as pure array functions: effective rank, ICC, debiased linear CKA, massive tokens.
+
+Every function takes plain numpy arrays (rows = tokens or samples, columns = hidden features) and
+is exact: the fast forms here are algebraic rewrites of the textbook definitions, which the tests
+check against direct SVD / O(N^2) / Gram-matrix implementations.
+
+- Effective rank (Roy & Vetterli 2007): ``exp(H(p))`` with ``p_i = s_i / sum(s)``, ``s`` the
+  singular values of the *centred* token matrix.  Per sample it comes from the eigenvalues of the
+  small N x N centred Gram matrix; pooled over samples from streamed covariance moments
+  (:class:`Moments`, merged with Chan et al.'s parallel update so nothing is read twice).
+- ICC: mean pairwise cosine of a set of tokens, ``(|sum u_i|^2 - N) / (N (N - 1))`` for unit rows.
+- Debiased linear CKA (Song et al. 2012 unbiased HSIC; Nguyen et al. 2021), evaluated through
+  feature-space products so the n x n Gram matrix is never formed when n exceeds the width.
+- Massive activations (Sun et al. 2024): tokens whose norm exceeds ``k`` times the median norm of
+  their sample's tokens at that layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "Moments", "cka_matrix", "debiased_cka", "debiased_hsic", "effective_rank",
+    "effective_rank_from_gram", "effective_rank_from_spectrum", "icc", "massive_mask",
+    "RowAccumulator",
+]
+
+
+def effective_rank_from_spectrum(singular_values: np.ndarray) -> float:
+    """Effective rank ``exp(H(p))`` of a set of singular values.
+
+    Values at or below ``max(s) * sqrt(100 * len * eps)`` count as zero: that is the round-off of
+    a spectrum obtained as square roots of eigenvalues, so an exactly low-rank matrix gets its
+    exact rank (values this small change a real effective rank by far less than its precision).
+
+    Parameters
+    ----------
+    singular_values : array of shape (k,)
+        Non-negative singular values (any order).
+
+    Returns
+    -------
+    float
+        ``exp(-sum p log p)``; NaN when every value is zero (no spread at all).
+
+    Examples
+    --------
+    >>> round(effective_rank_from_spectrum(np.array([1.0, 1.0, 1.0, 0.0])), 12)
+    3.0
+    """
+    s = np.asarray(singular_values, dtype=np.float64)
+    if s.size == 0 or not np.all(np.isfinite(s)):
+        return float("nan")
+    top = s.max()
+    if top <= 0:
+        return float("nan")
+    s = s[s > top * np.sqrt(100 * s.size * np.finfo(np.float64).eps)]
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def _spectrum_from_eigenvalues(eigenvalues: np.ndarray) -> np.ndarray:
+    # Round-off can make the smallest eigenvalues of a PSD matrix slightly negative.
+    return np.sqrt(np.clip(eigenvalues, 0.0, None))
+
+
+def effective_rank_from_gram(gram: np.ndarray) -> float:
+    """Effective rank of a token matrix from its Gram matrix ``X X^T`` (rows centred or not).
+
+    The Gram matrix is double-centred here (``H G H`` with ``H = I - 11^T/N``), which equals the
+    Gram matrix of the column-centred rows, so any row subset of a Gram matrix gives the subset's
+    effective rank without touching the features again.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+    >>> round(effective_rank_from_gram(x @ x.T), 6) == round(effective_rank(x), 6)
+    True
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    n = g.shape[0]
+    if n < 2:
+        return float("nan")
+    row = g.mean(axis=1)
+    centred = g - row[:, None] - row[None, :] + row.mean()
+    eig = np.linalg.eigvalsh(centred)  # values only: LAPACK syevd without vectors
+    return effective_rank_from_spectrum(_spectrum_from_eigenvalues(eig))
+
+
+def effective_rank(x: np.ndarray) -> float:
+    """Effective rank of the centred token matrix ``x`` (rows = tokens), via the smaller Gram side.
+
+    Parameters
+    ----------
+    x : array of shape (N, d)
+
+    Returns
+    -------
+    float
+        Between 1 and ``min(N - 1, d)``; NaN for fewer than two rows or identical rows.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # two equal directions
+    >>> round(effective_rank(x), 12)
+    2.0
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    if n < 2:
+        return float("nan")
+    centred = x - x.mean(axis=0)
+    if n <= d:
+        return effective_rank_from_gram(centred @ centred.T)
+    return Moments.from_rows(centred).effective_rank()
+
+
+@dataclass
+class Moments:
+    """Streaming count, mean and scatter ``sum (x - mean)(x - mean)^T`` of a set of rows.
+
+    Only the upper triangle of ``scatter`` is kept up to date (what BLAS ``syrk`` writes and
+    LAPACK reads for a symmetric matrix); :meth:`full_scatter` returns the symmetric matrix.
+
+    Two sets merge exactly (Chan, Golub & LeVeque 1979), so chunks read once, in any order and on
+    any worker, add up to the moments of all rows; the pooled effective rank is then the effective
+    rank of the scatter's eigenvalue square roots (the singular values of the centred rows).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> x = rng.standard_normal((50, 4))
+    >>> m = Moments.from_rows(x[:20])
+    >>> m.merge(Moments.from_rows(x[20:]))
+    >>> bool(np.allclose(m.full_scatter(), (x - x.mean(0)).T @ (x - x.mean(0))))
+    True
+    """
+
+    count: int
+    mean: np.ndarray
+    scatter: np.ndarray
+
+    @classmethod
+    def empty(cls, dim: int) -> "Moments":
+        """No rows yet; the d x d scatter is allocated by the first merge, not before."""
+        return cls(0, np.zeros(dim), np.zeros((0, 0)))
+
+    @classmethod
+    def from_rows(cls, x: np.ndarray) -> "Moments":
+        """Moments of the rows of ``x`` (see :class:`RowAccumulator` for the precision)."""
+        acc = RowAccumulator(x.shape[1])
+        acc.add(x)
+        return acc.moments()
+
+    def merge(self, other: "Moments") -> None:
+        """Add ``other``'s rows to these moments, in place."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.scatter = other.count, other.mean.copy(), other.scatter.copy()
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.scatter += other.scatter
+        self.scatter += np.outer(delta, delta) * (self.count * other.count / total)
+        self.mean += delta * (other.count / total)
+        self.count = total
+
+    def full_scatter(self) -> np.ndarray:
+        """The symmetric scatter matrix (from the upper triangle)."""
+        upper = np.triu(self.scatter)
+        return upper + np.triu(upper, 1).T
+
+    def effective_rank(self) -> float:
+        """Effective rank of all rows seen so far (NaN below two rows)."""
+        if self.count < 2:
+            return float("nan")
+        eig = np.linalg.eigvalsh(self.scatter, UPLO="U")
+        return effective_rank_from_spectrum(_spectrum_from_eigenvalues(eig))
+
+
+class RowAccumulator:
+    """Moments of rows added a chunk at a time, without concatenating the chunks.
+
+    Rows are shifted by the first chunk's mean (activations share a large offset) and their
+    scatter is accumulated in place in float64 with BLAS ``syrk``; :meth:`moments` converts to
+    centred moments.  float64 because the effective rank takes square roots of these
+    eigenvalues: float32 round-off (eps x the largest eigenvalue) would turn zero or tiny
+    eigenvalues into singular values of ~1e-3 x the largest and inflate the effective rank.
+
+    Examples
+    --------
+    >>> acc = RowAccumulator(2)
+    >>> acc.add(np.array([[1.0, 0.0], [3.0, 0.0]]))
+    >>> acc.add(np.array([[2.0, 3.0]]))
+    >>> m = acc.moments()
+    >>> m.count, m.mean.tolist(), m.full_scatter().tolist()
+    (3, [2.0, 1.0], [[2.0, 0.0], [0.0, 6.0]])
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.count = 0
+        self.shift: np.ndarray | None = None
+        self.total = np.zeros(dim)
+        self.upper: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:
+        if x.shape[0] == 0:
+            return
+        from scipy.linalg.blas import dsyrk
+
+        if self.shift is None:
+            self.shift = x.mean(axis=0, dtype=np.float64)
+        y = x - self.shift  # float64, C-ordered
+        self.count += y.shape[0]
+        self.total += y.sum(axis=0)
+        # y.T of a C-ordered array is Fortran-ordered: BLAS reads it in place; C is updated in place.
+        if self.upper is None:
+            self.upper = dsyrk(1.0, y.T, trans=0)
+        else:
+            self.upper = dsyrk(1.0, y.T, beta=1.0, c=self.upper, trans=0, overwrite_c=1)
+
+    def moments(self) -> "Moments":
+        if self.count == 0 or self.upper is None or self.shift is None:
+            return Moments.empty(self.dim)
+        offset = self.total / self.count
+        # Only the upper triangle matters (see Moments); no symmetric copy of a d x d matrix.
+        scatter = self.upper - np.outer(offset, offset * self.count)
+        return Moments(self.count, self.shift + offset, scatter)
+
+
+def icc(x: np.ndarray) -> float:
+    """Inter-token cosine concentration: the mean cosine similarity over all pairs of rows.
+
+    Computed in O(N d) as ``(|sum u_i|^2 - N) / (N (N - 1))`` with ``u_i`` the unit rows; rows of
+    zero norm have no direction and are left out.
+
+    Examples
+    --------
+    >>> icc(np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]))   # identical directions
+    1.0
+    >>> icc(np.eye(3))                                          # orthogonal tokens
+    0.0
+    """
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    keep = norms > 0
+    n = int(keep.sum())
+    if n < 2:
+        return float("nan")
+    total = (x[keep] / norms[keep, None]).sum(axis=0)
+    return float((total @ total - n) / (n * (n - 1)))
+
+
+def massive_mask(norms: np.ndarray, k: float) -> np.ndarray:
+    """Tokens whose norm exceeds ``k`` times the median norm of the given tokens.
+
+    Parameters
+    ----------
+    norms : array of shape (N,)
+        L2 norms of one sample's tokens at one layer (the median is taken over these).
+    k : float
+        Ratio to the median above which a token is "massive" (an attention sink, BOS, ...).
+
+    Examples
+    --------
+    >>> massive_mask(np.array([1.0, 1.2, 0.9, 300.0]), k=100).tolist()
+    [False, False, False, True]
+    """
+    norms = np.asarray(norms, dtype=np.float64)
+    if norms.size == 0:
+        return np.zeros(0, dtype=bool)
+    return norms > k * np.median(norms)
+
+
+def _centre(x: np.ndarray) -> np.ndarray:
+    # The unbiased HSIC is invariant to a shift of the features; removing the mean first only
+    # removes round-off (activations carry a large common offset).
+    x = np.asarray(x, dtype=np.float64)
+    return x - x.mean(axis=0)
+
+
+def _hsic(cross: float, ra: np.ndarray, rb: np.ndarray, ka1: np.ndarray, kb1: np.ndarray) -> float:
+    """Song et al.'s unbiased HSIC from feature-space pieces.
+
+    With ``K~ = K - diag(K)`` (and ``L~`` alike), ``cross = <K, L>_F``, ``r = diag(K)``,
+    ``K~ 1 = X (X^T 1) - r``::
+
+        HSIC = [tr(K~L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2/(n-2) (K~1)'(L~1)] / (n (n - 3))
+    """
+    n = ra.shape[0]
+    trace = cross - ra @ rb
+    sum_a, sum_b = ka1.sum(), kb1.sum()
+    return float((trace + sum_a * sum_b / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (ka1 @ kb1))
+                 / (n * (n - 3)))
+
+
+def _pieces(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r = np.einsum("ij,ij->i", x, x)
+    return r, x @ x.sum(axis=0) - r
+
+
+def debiased_hsic(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased HSIC estimator with linear kernels, paired rows of ``x`` (n, p) and ``y`` (n, q).
+
+    The cross term ``tr(K L) = ||X^T Y||_F^2`` is a p x q product, so the cost is O(n p q) and no
+    n x n matrix exists.  Needs n >= 4.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((30, 3))
+    >>> debiased_hsic(x, x) > 0
+    True
+    """
+    x, y = _centre(x), _centre(y)
+    n = x.shape[0]
+    if n < 4 or y.shape[0] != n:
+        raise ValueError(f"debiased HSIC needs n >= 4 paired rows, got {x.shape[0]} and {y.shape[0]}")
+    ra, ka1 = _pieces(x)
+    rb, kb1 = _pieces(y)
+    cross = float(np.square(x.T @ y).sum())
+    return _hsic(cross, ra, rb, ka1, kb1)
+
+
+def debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Debiased linear CKA between paired rows ``x`` (n, p) and ``y`` (n, q).
+
+    Invariant to orthogonal transforms and isotropic scaling of either side.  NaN when either
+    side has no estimated variance (the denominator is not positive) or n < 4.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((40, 5))
+    >>> round(debiased_cka(x, 3.0 * x), 12)
+    1.0
+    """
+    return float(cka_matrix([np.asarray(x), np.asarray(y)])[0, 1])
+
+
+def cka_matrix(stack: Sequence[np.ndarray] | np.ndarray, *, max_bytes: int = 256 << 20) -> np.ndarray:
+    """Debiased linear CKA between every pair of entries of ``stack``: an L x L map.
+
+    ``stack`` is an array (L, n, d) or any sequence of L arrays (n, d_i) with paired rows (e.g. a
+    lazy view of a memory-mapped file: each entry is read when used and centred in float64 only
+    while it is used).  The cross terms ``<K_a, K_b>`` are evaluated whichever way costs fewer
+    operations: through n x n Gram matrices (one per entry, kept in blocks of at most
+    ``max_bytes``, recomputed per block) or through the feature-space products
+    ``||X_a^T X_b||_F^2`` (no n x n matrix at all; chosen when n is large).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((20, 6))
+    >>> m = cka_matrix(np.stack([x, 2 * x, rng.standard_normal((20, 6))]))
+    >>> bool(np.isclose(m[0, 1], 1.0) and np.isclose(m[1, 0], 1.0))
+    True
+    """
+    n_layers = len(stack)
+    if n_layers == 0:
+        return np.zeros((0, 0))
+    pieces, widths = [], []
+    for i in range(n_layers):
+        xi = _centre(stack[i])
+        if pieces and xi.shape[0] != len(pieces[0][0]):
+            raise ValueError(f"CKA needs paired rows; entry {i} has {xi.shape[0]} rows, entry 0 "
+                             f"{len(pieces[0][0])}")
+        pieces.append(_pieces(xi))
+        widths.append(xi.shape[1])
+    n, d = len(pieces[0][0]), max(widths)
+    out = np.full((n_layers, n_layers), np.nan)
+    if n < 4:
+        return out
+    self_h = np.full(n_layers, np.nan)
+
+    def fill(a: int, b: int, cross: float) -> None:
+        ha, hb = self_h[a], self_h[b]
+        if ha > 0 and hb > 0:
+            value = _hsic(cross, pieces[a][0], pieces[b][0], pieces[a][1], pieces[b][1])
+            out[a, b] = out[b, a] = value / np.sqrt(ha * hb)
+
+    def self_term(a: int, cross: float) -> None:
+        self_h[a] = _hsic(cross, pieces[a][0], pieces[a][0], pieces[a][1], pieces[a][1])
+
+    block = max(1, int(max_bytes // (n * n * 8)))
+    n_pairs = n_layers * (n_layers + 1) // 2
+    sweeps = -(-n_layers // block)
+    gram_cost = sweeps * n_layers * n * n * d + n_pairs * n * n
+    if n_pairs * n * d * d < gram_cost:
+        for a in range(n_layers):
+            xa = _centre(stack[a])
+            self_term(a, float(np.square(xa.T @ xa).sum()))
+        for a in range(n_layers):
+            xa = _centre(stack[a])
+            for b in range(a, n_layers):
+                fill(a, b, float(np.square(xa.T @ _centre(stack[b])).sum()))
+        return out
+    for start in range(0, n_layers, block):
+        grams = {}
+        for a in range(start, min(n_layers, start + block)):
+            xa = _centre(stack[a])
+            grams[a] = xa @ xa.T
+        for b in range(start, n_layers):
+            if b in grams:
+                gb = grams[b]
+            else:
+                xb = _centre(stack[b])
+                gb = xb @ xb.T
+            if start == 0:  # the first sweep meets every layer once: its self term
+                self_term(b, float(np.square(gb).sum()))
+            for a, ga in grams.items():
+                if a <= b:
+                    fill(a, b, float((ga * gb).sum()))
+    return out

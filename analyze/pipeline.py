@@ -1,0 +1,544 @@
+"""The Dask pipelines: one read of the activations for every geometry metric, then the rest.
+
+Geometry pass.  The token axis of ``hidden`` is cut into *batches*: the samples whose tokens
+start in one Dask chunk (a sample running past the chunk's end takes the next chunk along).
+Each task receives whole chunks, so when all tasks of a layer group are computed together every
+chunk is read from the store exactly once, whichever batches share it.  A task computes, for each
+of its samples and layers and for both modalities (visual tokens, question tokens):
+
+- the massive-token mask (norm > k x the median norm of the sample's tokens at that layer);
+- per-sample effective rank (eigenvalues of the centred N x N Gram matrix) and ICC, with all
+  tokens and without the massive ones (a row subset of the same Gram matrix);
+- the mean-pooled state (for the sample-paired CKA);
+- streamed moments (count, mean, scatter) of the batch's tokens for the pooled effective rank.
+
+The client merges the moments in place as tasks finish (memory: one accumulator per layer of the
+current layer group, whose size follows ``memory_budget``), writes the pooled states to a memory
+map in the output directory, and computes the pooled effective ranks and the CKA maps at the end.
+
+Examples
+--------
+>>> from store import open_run                                                   # doctest: +SKIP
+>>> ds = open_run("runs/r1")                                                    # doctest: +SKIP
+>>> ok = ds.status.values == "ok"                                               # doctest: +SKIP
+>>> with open_client("threads") as client:                                      # doctest: +SKIP
+...     geo = geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values,
+...                    ds.is_text.values, ok, client=client, scratch="out/.scratch")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from analyze.metrics import (Moments, RowAccumulator, cka_matrix, effective_rank_from_gram, icc,
+                             massive_mask)
+from schemas.errors import GapError
+
+log = logging.getLogger("gap.analyze")
+
+MODALITIES = ("visual", "text")
+VARIANTS = ("all", "nomassive")
+MODALITY_CODES = {0: "visual", 1: "text", 2: "other"}
+
+__all__ = ["Batch", "GeometryResult", "MODALITIES", "geometry", "open_client", "plan_batches",
+           "sample_layer_geometry"]
+
+
+# ------------------------------------------------------------------------------ planning
+
+@dataclass
+class Batch:
+    """Whole samples whose tokens start in token chunk ``chunk_lo`` (and may run to ``chunk_hi``).
+
+    ``bounds`` are the samples' token ranges relative to the first token of ``chunk_lo``.
+    """
+
+    chunk_lo: int
+    chunk_hi: int
+    offset: int
+    samples: np.ndarray
+    bounds: np.ndarray
+
+
+def sample_runs(token_sample: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample, start, stop) of each sample's contiguous run of tokens.
+
+    >>> [a.tolist() for a in sample_runs(np.array([0, 0, 1, 1, 1, 3]))]
+    [[0, 1, 3], [0, 2, 5], [2, 5, 6]]
+    """
+    ts = np.asarray(token_sample)
+    if ts.size == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ts) != 0) + 1])
+    stops = np.concatenate([starts[1:], [ts.size]])
+    samples = ts[starts]
+    if np.unique(samples).size != samples.size:
+        raise GapError("hidden: the tokens of a sample are not contiguous along the token axis")
+    return samples.astype(np.int64), starts.astype(np.int64), stops.astype(np.int64)
+
+
+def plan_batches(token_sample: np.ndarray, ok: np.ndarray, chunk_sizes: Sequence[int]) -> list[Batch]:
+    """Group the ``ok`` samples by the token chunk their first token lies in.
+
+    >>> b = plan_batches(np.array([0, 0, 0, 1, 1, 2]), np.array([True, True, True]), [4, 2])
+    >>> [(x.chunk_lo, x.chunk_hi, x.samples.tolist(), x.bounds.tolist()) for x in b]
+    [(0, 1, [0, 1], [[0, 3], [3, 5]]), (1, 1, [2], [[1, 2]])]
+    """
+    edges = np.concatenate([[0], np.cumsum(chunk_sizes)]).astype(np.int64)
+    samples, starts, stops = sample_runs(token_sample)
+    keep = np.asarray(ok, bool)[samples] if samples.size else np.zeros(0, bool)
+    samples, starts, stops = samples[keep], starts[keep], stops[keep]
+    first = np.searchsorted(edges, starts, side="right") - 1
+    last = np.searchsorted(edges, stops - 1, side="right") - 1
+    batches = []
+    for chunk in np.unique(first):
+        sel = first == chunk
+        offset = int(edges[chunk])
+        bounds = np.stack([starts[sel] - offset, stops[sel] - offset], axis=1)
+        batches.append(Batch(int(chunk), int(last[sel].max()), offset, samples[sel], bounds))
+    return batches
+
+
+def plan_layer_groups(layer_chunks: Sequence[int], hidden_size: int, chunk_tokens: int,
+                      workers: int, memory_budget: int) -> list[tuple[int, int]]:
+    """Consecutive layer-chunk ranges ``[a, b)`` whose working memory fits ``memory_budget``.
+
+    Per layer: two modalities x (kept + massive) float64 scatter matrices on the client, plus, for
+    each task in flight (a worker's own and one queued), a float32 chunk and its batch's copy.
+
+    >>> plan_layer_groups([1, 1, 1, 1], 1024, 4096, 2, 300 << 20)
+    [(0, 2), (2, 4)]
+    """
+    per_layer = 4 * hidden_size * hidden_size * 8 + (workers + 1) * 2 * chunk_tokens * hidden_size * 4
+    groups, start, used = [], 0, 0
+    for i, size in enumerate(layer_chunks):
+        cost = size * per_layer
+        if i > start and used + cost > memory_budget:
+            groups.append((start, i))
+            start, used = i, 0
+        used += cost
+    if len(layer_chunks):
+        groups.append((start, len(layer_chunks)))
+    return groups
+
+
+# ------------------------------------------------------------------------------ the task kernel
+
+@dataclass
+class SampleGeometry:
+    """One sample at one layer: per modality and variant (all / no massive)."""
+
+    er: np.ndarray          # (2 modalities, 2 variants)
+    icc: np.ndarray         # (2, 2)
+    n_tokens: np.ndarray    # (2, 2)
+    pooled: np.ndarray      # (2, 2, d)
+    kept_rows: list[np.ndarray]     # per modality, rows without massive tokens
+    massive_rows: list[np.ndarray]  # per modality, the massive rows
+    massive: np.ndarray     # indices (within the sample) of massive tokens
+    ratio: np.ndarray       # their norm / median norm
+    modality: np.ndarray    # their modality code (0 visual, 1 text, 2 other)
+
+
+def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k: float) -> SampleGeometry:
+    """Every per-sample geometry number of one sample at one layer.
+
+    Parameters
+    ----------
+    x : (n_tokens, d) all of the sample's tokens at this layer (float32 or float64)
+    visual, text : boolean masks over those tokens
+    k : massive-activation ratio to the median norm of all the sample's tokens
+
+    Examples
+    --------
+    >>> x = np.vstack([np.eye(4), 1000 * np.ones((1, 4))])
+    >>> g = sample_layer_geometry(x, np.array([1, 1, 1, 1, 0], bool), np.array([0, 0, 0, 0, 1], bool), 100)
+    >>> g.massive.tolist(), g.modality.tolist(), g.n_tokens[1].tolist()
+    ([4], [1], [1, 0])
+    """
+    d = x.shape[1]
+    norms = np.linalg.norm(x, axis=1)
+    median = float(np.median(norms)) if norms.size else 0.0
+    massive = massive_mask(norms, k)
+    out = SampleGeometry(np.full((2, 2), np.nan), np.full((2, 2), np.nan), np.zeros((2, 2), np.int64),
+                         np.full((2, 2, d), np.nan, np.float32), [], [], np.flatnonzero(massive),
+                         norms[massive] / median if median > 0 else np.full(int(massive.sum()), np.inf),
+                         np.where(visual[massive], 0, np.where(text[massive], 1, 2)))
+    for m, mask in enumerate((visual, text)):
+        rows, heavy = x[mask], massive[mask]
+        kept = rows[~heavy]
+        out.kept_rows.append(kept)
+        out.massive_rows.append(rows[heavy])
+        if rows.shape[0] == 0:
+            continue
+        mean = rows.mean(axis=0, dtype=np.float64)
+        # float64: the Gram route squares the spectrum, and float32 round-off (eps x |x|^2) would
+        # swamp the small eigenvalues whenever a large token sets the scale.
+        centred = rows.astype(np.float64) - mean
+        gram = centred @ centred.T
+        out.er[m, 0] = effective_rank_from_gram(gram)
+        out.icc[m, 0] = icc(rows)
+        out.pooled[m, 0] = mean
+        out.n_tokens[m] = rows.shape[0], kept.shape[0]
+        if heavy.any():
+            out.er[m, 1] = effective_rank_from_gram(gram[np.ix_(~heavy, ~heavy)])
+            out.icc[m, 1] = icc(kept)
+            if kept.shape[0]:
+                out.pooled[m, 1] = kept.mean(axis=0, dtype=np.float64)
+        else:
+            out.er[m, 1], out.icc[m, 1], out.pooled[m, 1] = out.er[m, 0], out.icc[m, 0], out.pooled[m, 0]
+    return out
+
+
+@dataclass
+class GeometryPartial:
+    """What one task returns for its batch of samples and its layer group."""
+
+    samples: np.ndarray
+    layer_start: int
+    er: np.ndarray          # (n_b, Lg, 2, 2)
+    icc: np.ndarray         # (n_b, Lg, 2, 2)
+    n_tokens: np.ndarray    # (n_b, Lg, 2, 2)
+    pooled: np.ndarray      # (n_b, Lg, 2, 2, d) float32
+    moments: list[list[tuple[Moments, Moments]]]  # [Lg][modality] = (kept, massive)
+    massive: np.ndarray     # (m, 5): sample, token (in view), layer position, modality, ratio
+
+
+def geometry_task(parts: list[list[np.ndarray]], batch: Batch, layer_start: int,
+                  visual: np.ndarray, text: np.ndarray, k: float) -> GeometryPartial:
+    """Run :func:`sample_layer_geometry` over a batch; ``parts[layer_chunk][token_chunk]``."""
+    lo, hi = int(batch.bounds[:, 0].min()), int(batch.bounds[:, 1].max())
+    block = np.concatenate([_token_span(row, lo, hi) for row in parts], axis=0)
+    bounds, visual, text = batch.bounds - lo, visual[lo:hi], text[lo:hi]
+    n_b, n_layers, d = len(batch.samples), block.shape[0], block.shape[2]
+    res = GeometryPartial(batch.samples, layer_start, np.full((n_b, n_layers, 2, 2), np.nan),
+                          np.full((n_b, n_layers, 2, 2), np.nan), np.zeros((n_b, n_layers, 2, 2), np.int64),
+                          np.full((n_b, n_layers, 2, 2, d), np.nan, np.float32), [], np.zeros((0, 5)))
+    massive = []
+    for li in range(n_layers):
+        # the pooled effective rank's moments, per modality: (kept tokens, massive tokens)
+        acc = [(RowAccumulator(d), RowAccumulator(d)) for _ in range(2)]
+        for si, (a, b) in enumerate(bounds):
+            g = sample_layer_geometry(block[li, a:b], visual[a:b], text[a:b], k)
+            res.er[si, li], res.icc[si, li], res.n_tokens[si, li], res.pooled[si, li] = \
+                g.er, g.icc, g.n_tokens, g.pooled
+            for m in range(2):
+                acc[m][0].add(g.kept_rows[m])
+                acc[m][1].add(g.massive_rows[m])
+            if g.massive.size:
+                massive.append(np.column_stack([np.full(g.massive.size, batch.samples[si]),
+                                                batch.offset + lo + a + g.massive,
+                                                np.full(g.massive.size, layer_start + li),
+                                                g.modality, g.ratio]))
+        res.moments.append([(kept.moments(), heavy.moments()) for kept, heavy in acc])
+    if massive:
+        res.massive = np.concatenate(massive)
+    return res
+
+
+def _token_span(row: list[np.ndarray], lo: int, hi: int) -> np.ndarray:
+    """Tokens ``[lo, hi)`` of consecutive chunks (layers, tokens, d), copying only that span."""
+    pieces, start = [], 0
+    for chunk in row:
+        stop = start + chunk.shape[1]
+        if stop > lo and start < hi:
+            pieces.append(chunk[:, max(lo - start, 0):min(hi, stop) - start])
+        start = stop
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
+
+
+# ------------------------------------------------------------------------------ the pass
+
+@dataclass
+class GeometryResult:
+    """Geometry of a run: per-sample arrays, pooled values and the CKA maps."""
+
+    layers: np.ndarray                      # layer coordinate values
+    er_sample: np.ndarray                   # (n, L, 2 modality, 2 variant)
+    icc: np.ndarray                         # (n, L, 2, 2)
+    n_tokens: np.ndarray                    # (n, L, 2, 2)
+    er_pooled: np.ndarray                   # (L, 2, 2)
+    n_pooled: np.ndarray                    # (L, 2, 2)
+    cka_modality: np.ndarray                # (L, 2 variant)
+    cka_layers: np.ndarray                  # (2 modality, 2 variant, L, L)
+    massive: np.ndarray                     # (m, 5) sample, token, layer position, modality, ratio
+    n_cka: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # pass / pooled_eig / cka wall times
+
+
+class _PooledStates(Sequence):
+    """Lazy per-layer view ``(rows, d)`` of the memory-mapped pooled states of one modality/variant."""
+
+    def __init__(self, mm: np.ndarray, modality: int, variant: int, rows: np.ndarray):
+        self.mm, self.m, self.v, self.rows = mm, modality, variant, rows
+
+    def __len__(self) -> int:
+        return self.mm.shape[0]
+
+    def __getitem__(self, layer: int) -> np.ndarray:  # type: ignore[override]
+        return np.asarray(self.mm[layer, self.m, self.v][self.rows])
+
+
+def _hidden_array(hidden: Any):
+    import dask.array as da
+
+    data = hidden.data if hasattr(hidden, "data") else hidden
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=(1, 4096, -1))
+    return data.rechunk({2: -1}) if len(data.chunks[2]) > 1 else data
+
+
+def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_text: np.ndarray,
+             ok: np.ndarray, *, client: Any, scratch: str | Path, massive_k: float = 100.0,
+             memory_budget: int = 256 << 20, progress: bool = True) -> GeometryResult:
+    """All geometry metrics of a run in one read of its activations.
+
+    Parameters
+    ----------
+    hidden : xarray.DataArray or dask/numpy array (layer, token, hidden_dim)
+    token_sample, is_visual, is_text : per-token coordinates (numpy)
+    ok : per-sample mask of the samples to analyse (status ``ok``)
+    client : a ``distributed.Client`` (see :func:`open_client`)
+    scratch : directory for the memory-mapped pooled states (removed afterwards)
+    massive_k : a token is massive when its norm exceeds ``massive_k`` x the sample-layer median
+    memory_budget : bytes for accumulators and in-flight chunks; sets how many layers a pass holds
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> rng = np.random.default_rng(0)
+    >>> hidden = xr.DataArray(rng.standard_normal((2, 12, 8)).astype(np.float32),
+    ...                       dims=("layer", "token", "hidden_dim"), coords={"layer": [0, 5]})
+    >>> token_sample = np.repeat([0, 1], 6)
+    >>> visual = np.tile([True] * 4 + [False] * 2, 2)
+    >>> with open_client("threads", workers=1) as client:                     # doctest: +SKIP
+    ...     geo = geometry(hidden, token_sample, visual, ~visual, np.array([True, True]),
+    ...                    client=client, scratch="/tmp/geo-scratch", progress=False)
+    >>> geo.er_sample.shape                                                    # doctest: +SKIP
+    (2, 2, 2, 2)
+    """
+    from dask import delayed
+    from distributed import as_completed
+
+    data = _hidden_array(hidden)
+    n_layers, _, d = data.shape
+    n = len(ok)
+    layer_values = np.asarray(getattr(hidden, "layer", np.arange(n_layers)))
+    batches = plan_batches(token_sample, ok, data.chunks[1])
+    layer_edges = np.concatenate([[0], np.cumsum(data.chunks[0])])
+    workers = max(1, len(client.nthreads()))
+    groups = plan_layer_groups(data.chunks[0], d, max(data.chunks[1], default=1), workers, memory_budget)
+    chunk_grid = data.to_delayed(optimize_graph=True)[:, :, 0]
+    visual, text = np.asarray(is_visual, bool), np.asarray(is_text, bool)
+
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    # Entries of samples without tokens of a modality stay 0 and are never read (see _cka).
+    pooled = np.lib.format.open_memmap(scratch / "pooled.npy", mode="w+", dtype=np.float32,
+                                       shape=(n_layers, 2, 2, n, d))
+    shape = (n, n_layers, 2, 2)
+    er, icc_, ntok = np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, np.int64)
+    er_pooled, n_pooled = np.full((n_layers, 2, 2), np.nan), np.zeros((n_layers, 2, 2), np.int64)
+    massive: list[np.ndarray] = []
+    bar = _progress(len(batches) * len(groups), progress)
+    seconds = {"pass": 0.0, "pooled_eig": 0.0, "cka": 0.0}
+    try:
+        for ga, gb in groups:
+            la, lb = int(layer_edges[ga]), int(layer_edges[gb])
+            tasks = []
+            for batch in batches:
+                parts = [list(chunk_grid[i, batch.chunk_lo:batch.chunk_hi + 1]) for i in range(ga, gb)]
+                span = slice(batch.offset, batch.offset + int(batch.bounds[:, 1].max()))
+                tasks.append(delayed(geometry_task)(parts, batch, la, visual[span], text[span],
+                                                    massive_k))
+            acc = [[(Moments.empty(d), Moments.empty(d)) for _ in range(2)] for _ in range(la, lb)]
+            started = time.perf_counter()
+            futures = client.compute(tasks)
+            for future in as_completed(futures):
+                part: GeometryPartial = future.result()
+                future.release()
+                rows, lsl = part.samples, slice(la, lb)
+                er[rows, lsl], icc_[rows, lsl], ntok[rows, lsl] = part.er, part.icc, part.n_tokens
+                pooled[lsl, :, :, rows] = np.moveaxis(part.pooled, 0, 3)
+                for li, per_mod in enumerate(part.moments):
+                    for m, (kept, heavy) in enumerate(per_mod):
+                        acc[li][m][0].merge(kept)
+                        acc[li][m][1].merge(heavy)
+                if part.massive.size:
+                    massive.append(part.massive)
+                bar.update(1)
+            seconds["pass"] += time.perf_counter() - started
+            started = time.perf_counter()
+            # The d x d eigendecompositions run on the workers: in parallel, with one BLAS thread
+            # each (a multi-threaded LAPACK on a busy machine spends its time spinning).
+            scattered = {(li, m): client.scatter(list(acc[li][m]), hash=False)
+                         for li in range(lb - la) for m in range(2)}
+            del acc
+            spectra = {key: client.submit(_pooled_effective_rank, *parts, pure=False)
+                       for key, parts in scattered.items()}
+            for (li, m), future in spectra.items():
+                er_pooled[la + li, m], n_pooled[la + li, m] = future.result()
+                future.release()
+                for part in scattered[li, m]:
+                    part.release()
+            seconds["pooled_eig"] += time.perf_counter() - started
+        pooled.flush()
+        started = time.perf_counter()
+        cka_mod, cka_lay, n_cka = _cka(pooled, ntok)
+        seconds["cka"] = time.perf_counter() - started
+    finally:
+        bar.close()
+        del pooled
+        shutil.rmtree(scratch, ignore_errors=True)
+    return GeometryResult(layer_values, er, icc_, ntok, er_pooled, n_pooled, cka_mod, cka_lay,
+                          np.concatenate(massive) if massive else np.zeros((0, 5)), n_cka, seconds)
+
+
+def _pooled_effective_rank(kept: Moments, heavy: Moments) -> tuple[list[float], list[int]]:
+    """([all tokens, no massive] pooled effective rank, [their token counts]) of one layer/modality."""
+    no_massive, n_kept = kept.effective_rank(), kept.count
+    if heavy.count == 0:
+        return [no_massive, no_massive], [n_kept, n_kept]
+    kept.merge(heavy)
+    return [kept.effective_rank(), no_massive], [kept.count, n_kept]
+
+
+def _cka(pooled: np.ndarray, ntok: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Sample-paired CKA: visual vs text per layer, and layer x layer per modality."""
+    n_layers = pooled.shape[0]
+    cka_mod = np.full((n_layers, 2), np.nan)
+    cka_lay = np.full((2, 2, n_layers, n_layers), np.nan)
+    n_cka: dict[str, int] = {}
+    # Rows: samples with tokens of the modality at every layer (paired rows throughout).
+    complete = [[np.flatnonzero((ntok[:, :, m, v] > 0).all(axis=1)) for v in range(2)] for m in range(2)]
+    for v, variant in enumerate(VARIANTS):
+        both = np.intersect1d(complete[0][v], complete[1][v])
+        n_cka[f"modality_{variant}"] = int(both.size)
+        for layer in range(n_layers):
+            x = np.asarray(pooled[layer, 0, v][both])
+            y = np.asarray(pooled[layer, 1, v][both])
+            cka_mod[layer, v] = cka_matrix([x, y])[0, 1]
+        for m, modality in enumerate(MODALITIES):
+            rows = complete[m][v]
+            n_cka[f"layers_{modality}_{variant}"] = int(rows.size)
+            cka_lay[m, v] = cka_matrix(_PooledStates(pooled, m, v, rows))
+    return cka_mod, cka_lay, n_cka
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="geometry", unit="task", disable=not enabled, leave=False)
+
+
+# ------------------------------------------------------------------------------ clusters
+
+# Workers allocate and free megabyte arrays per sample-layer.  Dask's default for its workers
+# (MALLOC_TRIM_THRESHOLD_=64 KiB) hands that memory back to the OS at once, so every array is
+# page-faulted in again: a third of the CPU time went to the kernel at 576 x 2048.  Keeping up to
+# 64 MiB in the heap (and serving arrays under 16 MiB from it) removes that; big chunks still
+# come from mmap and go back when freed.
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(16 << 20)}
+
+def _nanny_environ_export() -> str:
+    """A shell line giving remote nannies our malloc settings (dask's other defaults kept)."""
+    import shlex
+
+    import dask
+    import distributed  # noqa: F401  (loads distributed's config defaults)
+
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **MALLOC_ENV}
+    # Dask parses an environment value with literal_eval, so the dict keeps its upper-case keys.
+    return f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON={shlex.quote(repr(environ))}"
+
+
+@contextmanager
+def open_client(scheduler: str = "local", *, workers: int | None = None, slurm: Any = None,
+                setup: Sequence[str] = (), jobs: int = 1,
+                scratch: str | Path | None = None) -> Iterator[Any]:
+    """A ``distributed.Client`` for ``scheduler``, closed (with its cluster) on exit.
+
+    - ``local``: a LocalCluster of one single-threaded worker process per core, listening on
+      127.0.0.1 only, no dashboard (nobody else on the machine can connect).
+    - ``threads``: the same in this process (no processes to start: tests, small runs).
+    - ``slurm``: dask-jobqueue's SLURMCluster with ``jobs`` jobs of ``slurm`` (a
+      :class:`schemas.config.SlurmAnalysisConfig`, after the shell lines ``setup``, e.g. module
+      loads); traffic is TLS with throw-away certificates
+      (``Security.temporary()``), so other users of the cluster cannot connect and run code.
+    - an address (``tcp://HOST:PORT``, ``tls://...``): an existing scheduler.
+
+    Examples
+    --------
+    >>> with open_client("threads", workers=1) as client:       # doctest: +SKIP
+    ...     client.submit(sum, [1, 2]).result()
+    3
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    if scheduler in ("local", "threads"):
+        n = workers or max(1, len(os.sched_getaffinity(0)))
+        # In-process workers talk over inproc://, which no other process can reach at all; the
+        # scheduler's HTTP routes (unauthenticated) go to a free loopback port in both modes.
+        network = {"host": "127.0.0.1"} if scheduler == "local" else {}
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in MALLOC_ENV.items()}):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=scheduler == "local",
+                                   dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0",
+                                   silence_logs=logging.WARNING, **network)
+        client = Client(cluster)
+    elif scheduler == "slurm":
+        cluster, security = slurm_cluster(slurm, setup=setup, scratch=scratch)
+        cluster.scale(jobs=jobs)
+        client = Client(cluster, security=security)
+    elif "://" in scheduler:
+        cluster, client = None, Client(scheduler)
+    else:
+        raise GapError(f"--scheduler {scheduler!r}: use local, slurm, threads or an address like tcp://HOST:PORT")
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def slurm_cluster(analysis: Any = None, *, setup: Sequence[str] = (),
+                  scratch: str | Path | None = None) -> tuple[Any, Any]:
+    """A TLS-secured SLURMCluster for the analysis, and its Security (jobs not yet started).
+
+    ``analysis`` is a :class:`schemas.config.SlurmAnalysisConfig` (partition, cpus, mem, time,
+    extra).  One worker process per CPU, one thread each (BLAS threads stay at one per process).
+
+    Examples
+    --------
+    >>> cluster, security = slurm_cluster(scratch="/shared/tmp")   # doctest: +SKIP
+    >>> print(cluster.job_script())                                 # doctest: +SKIP
+    """
+    from dask_jobqueue import SLURMCluster
+    from distributed.security import Security
+
+    from schemas.config import SlurmAnalysisConfig
+
+    cfg = analysis or SlurmAnalysisConfig()
+    security = Security.temporary()
+    kwargs: dict[str, Any] = {}
+    if scratch is not None:
+        kwargs["shared_temp_directory"] = str(scratch)
+        kwargs["log_directory"] = str(Path(scratch) / "logs")
+    cluster = SLURMCluster(cores=cfg.cpus, processes=cfg.cpus, memory=cfg.mem, walltime=cfg.time,
+                           queue=cfg.partition, job_extra_directives=list(cfg.extra),
+                           job_script_prologue=[*setup, _nanny_environ_export()],
+                           security=security, protocol="tls",
+                           # HTTP routes (scheduler's and workers') are unauthenticated: loopback only.
+                           scheduler_options={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                           worker_extra_args=["--dashboard-address", "127.0.0.1:0"], **kwargs)
+    return cluster, security

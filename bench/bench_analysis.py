@@ -1,0 +1,284 @@
+"""Analysis benchmarks: geometry speed vs a per-sample numpy baseline, and peak memory out of core.
+
+``analysis_speedup``: the same geometry metrics (per-sample effective rank and ICC with and
+without massive tokens, pooled effective rank, sample-paired CKA and the layer x layer maps) on
+LLaVA-shaped samples (576 visual + 40 question + 24 other tokens, hidden 2048, bf16 store),
+ours (the Dask pass on a local cluster) against the earlier prototype's style: an SVD per
+sample, an O(N^2) cosine matrix for ICC, an SVD of all pooled tokens, Gram-matrix CKA.  The
+baseline is timed on a few sample-layers and both sides are extrapolated to 1000 samples x 48
+layers: per sample-layer costs scale linearly, our pooled-covariance eigendecompositions are a
+fixed cost per layer, and the pooled SVD scales with its rows (linear for a tall matrix).  The
+values of both are compared (``analysis_er_max_rel_diff``, ``analysis_icc_cka_max_abs_diff``).
+
+``analysis_peak_gib``: peak resident memory of the whole process tree of ``gap analyze`` (client,
+nannies, workers) on a store at least three times larger than that peak (``analysis_store_gib``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+N_VISUAL, N_TEXT, N_OTHER, HIDDEN = 576, 40, 24, 2048
+TARGET_SAMPLES, TARGET_LAYERS = 1000, 48
+
+
+def _spec(layers: int, hidden: int, n_total: int, encoding: str):
+    from schemas.config import config_from_dict
+    from store.writer import RunSpec
+
+    cfg = config_from_dict({"model": {"path": "/models/bench"}, "data": {"name": "synthetic"}})
+    return RunSpec(config=cfg, model_info={"family": "bench", "n_layers": layers}, layers=list(range(layers)),
+                   hidden_size=hidden, hidden_encoding=encoding, n_total=n_total)
+
+
+def _masks(n_other: int, n_visual: int, n_text: int) -> tuple[np.ndarray, np.ndarray, int]:
+    n = n_other + n_visual + n_text
+    visual = np.zeros(n, bool)
+    visual[n_other:n_other + n_visual] = True
+    text = np.zeros(n, bool)
+    text[n_other + n_visual:] = True
+    return visual, text, n
+
+
+def write_store(path: Path, samples: int, layers: int, hidden: int, n_visual: int, n_text: int,
+                n_other: int, encoding: str, seed: int = 0, distinct: int = 0) -> None:
+    """Samples of activations with a decaying spectrum and a massive first token.
+
+    ``distinct`` > 0 reuses that many random blocks, scaled per sample (fast for large stores).
+    """
+    from schemas.run import SampleRecord
+    from store.encoding import float32_to_bf16_bits
+    from store.writer import RunWriter
+
+    rng = np.random.default_rng(seed)
+    visual, text, n = _masks(n_other, n_visual, n_text)
+    scale = (1.0 / np.sqrt(1 + np.arange(hidden))).astype(np.float32)  # a decaying spectrum
+
+    def block() -> np.ndarray:
+        x = rng.standard_normal((layers, n, hidden), dtype=np.float32) * scale
+        x[:, 0] *= 500.0  # BOS-like massive activation
+        return x
+
+    pool = [block() for _ in range(distinct)]
+    with RunWriter(path, _spec(layers, hidden, samples, encoding)) as writer:
+        for i in range(samples):
+            x = pool[i % distinct] * np.float32(1 + 0.01 * i) if distinct else block()
+            hidden_values = float32_to_bf16_bits(x) if encoding == "bfloat16" else x
+            writer.put(SampleRecord(index=i, sample_id=f"bench/{i}", subset="hard",
+                                    input_ids=np.arange(n, dtype=np.int32), is_visual=visual, is_text=text,
+                                    hidden=hidden_values))
+
+
+# ------------------------------------------------------------------------------ the baseline
+
+def _er_svd(x: np.ndarray) -> float:
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    s = s[s > s.max() * 1e-7]
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def _icc_cos(x: np.ndarray) -> float:
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = u @ u.T
+    return float((c.sum() - len(x)) / (len(x) * (len(x) - 1)))
+
+
+def baseline_sample_layer(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k: float) -> np.ndarray:
+    """(modality, variant, [er, icc]) the prototype's way: SVD and a full cosine matrix each."""
+    norms = np.linalg.norm(x, axis=1)
+    heavy = norms > k * np.median(norms)
+    out = np.full((2, 2, 2), np.nan)
+    for m, mask in enumerate((visual, text)):
+        for v, rows in enumerate((mask, mask & ~heavy)):
+            if v == 1 and not (mask & heavy).any():
+                out[m, 1] = out[m, 0]
+                continue
+            out[m, v] = _er_svd(x[rows]), _icc_cos(x[rows])
+    return out
+
+
+def _hsic_gram(x: np.ndarray, y: np.ndarray) -> float:
+    n = len(x)
+    k, l = x @ x.T, y @ y.T
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(l, 0)
+    one = np.ones(n)
+    return float((np.trace(k @ l) + one @ k @ one * (one @ l @ one) / ((n - 1) * (n - 2))
+                  - 2 / (n - 2) * one @ k @ l @ one) / (n * (n - 3)))
+
+
+def _cka_gram(x: np.ndarray, y: np.ndarray) -> float:
+    return _hsic_gram(x, y) / np.sqrt(_hsic_gram(x, x) * _hsic_gram(y, y))
+
+
+def baseline_cka(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pooled (n, L, modality, d): modality CKA per layer and the visual/text layer maps (all tokens)."""
+    n_layers = pooled.shape[1]
+    mod = np.array([_cka_gram(pooled[:, i, 0], pooled[:, i, 1]) for i in range(n_layers)])
+    maps = np.array([[[_cka_gram(pooled[:, a, m], pooled[:, b, m]) for b in range(n_layers)]
+                      for a in range(n_layers)] for m in range(2)])
+    return mod, maps
+
+
+# ------------------------------------------------------------------------------ benchmarks
+
+def _warm_up() -> None:
+    import analyze.pipeline  # noqa: F401
+    import scipy.linalg.blas  # noqa: F401
+    import zarr  # noqa: F401
+
+
+def baseline(run: str, samples: int, layers: int, measured: int, offset: int = 0) -> dict:
+    """The prototype-style computation on a few sample-layers of ``run`` (timings and values)."""
+    from store import open_run
+
+    ds = open_run(run)
+    visual, text, n_tok = _masks(N_OTHER, N_VISUAL, N_TEXT)
+    hidden, starts = ds.hidden.values, ds.token_start.values
+    tokens = [[hidden[layer, starts[s]:starts[s] + n_tok] for layer in range(layers)] for s in range(samples)]
+    t0 = time.perf_counter()
+    picks = [((offset + j) % samples, (offset + j) % layers) for j in range(measured)]
+    per_sample = [baseline_sample_layer(tokens[s][layer], visual, text, 100.0).tolist() for s, layer in picks]
+    t_sample = (time.perf_counter() - t0) / measured
+    # pooled effective rank the prototype's way: one SVD of every pooled token, per modality
+    rows = {m: np.concatenate([tokens[s][0][mask] for s in range(measured)])
+            for m, mask in (("visual", visual), ("text", text))}
+    t0 = time.perf_counter()
+    pooled_er = {m: _er_svd(r) for m, r in rows.items()}
+    t_pooled = (time.perf_counter() - t0) / measured  # SVD of a tall matrix: linear in its rows
+    pooled = np.stack([[np.stack([tokens[s][i][mask].astype(np.float64).mean(0) for mask in (visual, text)])
+                        for i in range(layers)] for s in range(samples)])
+    t0 = time.perf_counter()
+    mod, maps = baseline_cka(pooled)
+    t_cka = (time.perf_counter() - t0) / (samples * layers)
+    return {"seconds_per_sample_layer": t_sample + t_pooled + t_cka, "per_sample": per_sample, "picks": picks,
+            "pooled_er": pooled_er, "cka_modality": mod.tolist(), "cka_layers": maps.tolist()}
+
+
+def speedup(tmp: Path, samples: int = 16, layers: int = 2, measured: int = 2) -> dict[str, float]:
+    import json
+
+    from analyze.cli import chunk_tokens
+    from analyze.metrics import Moments
+    from analyze.pipeline import geometry, open_client
+    from store import open_run, read_run
+
+    run = tmp / "speed"
+    write_store(run, samples, layers, HIDDEN, N_VISUAL, N_TEXT, N_OTHER, "bfloat16")
+    cores = len(os.sched_getaffinity(0))
+    ds = open_run(run, chunks=chunk_tokens(read_run(run).hidden))  # as `gap analyze` opens it
+    with open_client("local", workers=cores) as client:
+        client.run(_warm_up)  # worker start-up and imports are a one-off, not a per-sample cost
+        geo = geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values,
+                       np.ones(samples, bool), client=client, scratch=tmp / "scratch", progress=False)
+    ours_per_sl = (geo.seconds["pass"] + geo.seconds["cka"]) / (samples * layers)
+    ours_eig_per_layer = geo.seconds["pooled_eig"] / layers
+
+    # The baseline runs as one process per core at once (one BLAS thread each, like our workers),
+    # so it gets the same cores under the same load: perfectly parallel prototype code.
+    code = ("import json, sys; import bench.bench_analysis as b; "
+            "print(json.dumps(b.baseline(sys.argv[1], *map(int, sys.argv[2:]))))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(run), str(samples), str(layers), str(measured),
+                               str(i * measured)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+             for i in range(cores)]
+    bases = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("the baseline process failed")
+    base = bases[0]
+
+    visual, text, n_tok = _masks(N_OTHER, N_VISUAL, N_TEXT)
+    er_diffs, abs_diffs = [], []  # relative for effective ranks; absolute for cosines and CKA
+    for (s, layer), ref in ((pick, np.array(ref)) for b in bases for pick, ref in zip(b["picks"], b["per_sample"])):
+        er_diffs.append(np.nanmax(np.abs(geo.er_sample[s, layer] - ref[..., 0]) / ref[..., 0]))
+        abs_diffs.append(np.nanmax(np.abs(geo.icc[s, layer] - ref[..., 1])))
+    hidden, starts = ds.hidden.values, ds.token_start.values
+    for m, mask in (("visual", visual), ("text", text)):
+        rows = np.concatenate([hidden[0, starts[s]:starts[s] + n_tok][mask] for s in range(measured)])
+        er_diffs.append(abs(Moments.from_rows(rows).effective_rank() - base["pooled_er"][m]) / base["pooled_er"][m])
+    abs_diffs += [np.nanmax(np.abs(np.array(base["cka_modality"]) - geo.cka_modality[:, 0])),
+                  np.nanmax(np.abs(np.array(base["cka_layers"]) - geo.cka_layers[:, 0]))]
+
+    base_per_sl = float(np.mean([b["seconds_per_sample_layer"] for b in bases])) / cores
+    n_sl = TARGET_SAMPLES * TARGET_LAYERS
+    ours_total = n_sl * ours_per_sl + TARGET_LAYERS * ours_eig_per_layer
+    return {"analysis_baseline_ms_per_sample_layer": 1e3 * base_per_sl,
+            "analysis_ms_per_sample_layer": 1e3 * ours_total / n_sl,
+            "analysis_baseline_hours_1000x48": n_sl * base_per_sl / 3600,
+            "analysis_hours_1000x48": ours_total / 3600,
+            "analysis_speedup": n_sl * base_per_sl / ours_total,
+            "analysis_er_max_rel_diff": float(max(er_diffs)),
+            "analysis_icc_cka_max_abs_diff": float(max(abs_diffs))}
+
+
+def _tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def peak_memory(tmp: Path, store_gib: float = 3.1) -> dict[str, float]:
+    """Peak RSS of ``gap analyze`` (all its processes) on an out-of-core store."""
+    import psutil
+
+    layers, hidden, n_visual, n_text, n_other = 16, 512, 256, 30, 14
+    per_sample = layers * (n_visual + n_text + n_other) * hidden * 4
+    samples = int(np.ceil(store_gib * (1 << 30) / per_sample))
+    run = tmp / "big"
+    write_store(run, samples, layers, hidden, n_visual, n_text, n_other, "float32", distinct=4)
+    size = sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
+    cmd = [sys.executable, "-c", "import sys, gap; sys.exit(gap.main(sys.argv[1:]))", "analyze", str(run),
+           "--out", str(tmp / "big_out"), "--no-plots", "-q", "--set", "analysis.bootstrap=50"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    watched = psutil.Process(proc.pid)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(watched))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    _, err = proc.communicate()
+    done.set()
+    thread.join()
+    if proc.returncode:
+        raise RuntimeError(f"gap analyze failed on the memory bench store: {err.strip()[-500:]}")
+    return {"analysis_peak_gib": peak[0] / (1 << 30), "analysis_store_gib": size / (1 << 30),
+            "analysis_big_seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="gap-bench-analysis-"))
+    try:
+        results = {**speedup(tmp), **peak_memory(tmp)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, value in results.items():
+        print(f"{name}: {value:.4g}" if name != "analysis_speedup" else f"{name}: {value:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""`gap analyze` end to end on small runs: outputs, CONTRACT names, partial runs, clusters, errors."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis_fixtures import make_run
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("causal_curves", "truncation_curves", "evd_hist", "geometry", "cka_layers", "checkpoint_summary")
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    import gap
+
+    run, truth = make_run(tmp_path_factory.mktemp("cli") / "run")
+    out = run.parent / "out"
+    rc = gap.main(["analyze", str(run), "--out", str(out), "--scheduler", "threads", "--workers", "2",
+                   "-q", "--set", "analysis.bootstrap=100"])
+    assert rc == 0
+    return run, out, truth
+
+
+def test_outputs_and_contract_names(analysed):
+    from analyze import open_analysis
+
+    _, out, truth = analysed
+    ds = open_analysis(out)
+    dims = {"effective_rank": ("layer", "modality"), "effective_rank_sample": ("sample", "layer", "modality"),
+            "icc": ("sample", "layer", "modality"), "cka_modality": ("layer",),
+            "cka_layers": ("modality", "layer", "layer2"), "evd": ("sample",), "cliff_layer": (),
+            "trunc_correct": ("sample", "trunc_layer", "mode"), "trunc_curve": ("trunc_layer", "mode", "subset")}
+    for name, expected in dims.items():
+        assert ds[name].dims == expected, name
+        if name not in ("evd", "cliff_layer", "trunc_correct", "trunc_curve"):
+            assert ds[f"{name}_nomassive"].dims == expected
+    assert list(ds.modality.values) == ["visual", "text"]
+    decision = json.loads((out / "decision.json").read_text())
+    assert set(decision) == {"cp1", "cp2", "cp3", "overall"}
+    for key in ("cp1", "cp2", "cp3"):
+        assert decision[key]["verdict"] in ("GO", "MARGINAL", "NO-GO", "N/A") and "n" in decision[key]
+    report = (out / "report.md").read_text()
+    for name in FIGURES:
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.pdf").exists()
+        assert f"({name}.png)" in report
+    assert "Partial run" in report  # one sample failed
+
+
+def test_values_follow_the_planted_run(analysed):
+    from analyze import open_analysis
+
+    _, out, truth = analysed
+    ds = open_analysis(out)
+    ok = [i for i in range(14) if i not in truth.failed]
+    # delta = 2 up to the sample's cliff, 0 after: EVD is that layer
+    assert ds.evd.values[ok].tolist() == [float(truth.cliff[i]) for i in ok]
+    assert np.isnan(ds.evd.values[sorted(truth.failed)]).all()
+    assert float(ds.cliff_layer) == np.quantile([truth.cliff[i] for i in ok], 0.5, method="lower")
+    # easy samples never fail; hard ones fail at truncation layers <= their cliff
+    tc = ds.trunc_correct.sel(mode="knockout")
+    for i in ok:
+        expected = [1.0 if truth.subset[i] == "easy" or not (0 <= t <= truth.cliff[i]) else 0.0
+                    for t in ds.trunc_layer.values]
+        assert tc.values[i].tolist() == expected
+    easy = ds.trunc_curve.sel(mode="knockout", subset="easy").values
+    assert (easy == 1.0).all()
+    assert int(ds.trunc_curve_n.sel(mode="knockout", subset="all", trunc_layer=-1)) == len(ok)
+    assert ds.attrs["n_ok"] == 13 and ds.attrs["partial"] == 1
+    # the massive visual token of sample 3 at layer 2 is recorded and excluded
+    hit = (ds.massive_sample.values == 3) & (ds.massive_layer.values == 2) & (ds.massive_modality.values == "visual")
+    assert hit.sum() == 1
+    assert int(ds.n_massive.sel(modality="visual").isel(sample=3, layer=2)) == 1
+
+
+def test_partial_run_is_analysed_and_says_so(tmp_path):
+    from analyze.cli import analyse
+
+    run, _ = make_run(tmp_path / "run", n=8, n_total=20, failed=(), generate=False)
+    report = analyse(run, tmp_path / "out", scheduler="threads", workers=1, plots=False, progress=False,
+                     overrides=["analysis.bootstrap=50", "analysis.tau_ratio=0.1",
+                                "analysis.cliff_method=threshold_crossing"])
+    text = report.read_text()
+    assert "Partial run" in text and "8 of 20" in text
+    from analyze import open_analysis
+
+    ds = open_analysis(tmp_path / "out")
+    assert ds.attrs["n_total"] == 20 and ds.attrs["n_samples"] == 8
+    assert ds.attrs["trunc_correct_source"].startswith("trunc_logp")  # no texts were generated
+    # adaptive tau = 0.1 x mean D(first layer) = 0.1 x 2.0; the configured cliff method is used
+    assert ds.attrs["tau"] == pytest.approx(0.2) and ds.attrs["cliff_method"] == "threshold_crossing"
+    assert float(ds.cliff_layer) == float(ds.cliff_by_method.sel(cliff_method="threshold_crossing"))
+
+
+def test_run_without_activations_has_no_geometry(tmp_path):
+    from analyze import open_analysis
+    from analyze.cli import analyse
+
+    run, _ = make_run(tmp_path / "run", n=6, failed=(), activations=False)
+    analyse(run, tmp_path / "out", scheduler="threads", workers=1, progress=False, plots=False,
+            overrides=["analysis.bootstrap=50"])
+    ds = open_analysis(tmp_path / "out")
+    assert "effective_rank" not in ds and "evd" in ds and "trunc_curve" in ds
+    decision = json.loads((tmp_path / "out" / "decision.json").read_text())
+    assert decision["cp3"]["verdict"] == "N/A" and decision["cp1"]["verdict"] != "N/A"
+    assert "## Geometry" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    import gap
+
+    assert gap.main(["analyze", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gap analyze: error:") and "missing" in err and "\n" not in err
+    from analyze import open_analysis
+    from schemas.errors import GapError
+
+    with pytest.raises(GapError, match="no analysis found"):
+        open_analysis(tmp_path)
+
+
+def test_help_lists_the_schedulers(capsys):
+    from analyze.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "gap analyze" in text and "--scheduler" in text and "127.0.0.1" in text
+
+
+def _listening(include_children: bool) -> list:
+    import psutil
+
+    procs = [psutil.Process()] + (psutil.Process().children(recursive=True) if include_children else [])
+    return [c.laddr.ip for p in procs for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+
+
+@pytest.mark.parametrize("scheduler", ["local", "threads"])
+def test_local_clusters_listen_on_loopback_only(scheduler):
+    from analyze.pipeline import open_client
+
+    with open_client(scheduler, workers=1) as client:
+        if scheduler == "local":
+            assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+            workers = client.scheduler_info()["workers"]
+            assert all(addr.startswith("tcp://127.0.0.1:") for addr in workers)
+        assert client.submit(sum, [1, 2]).result() == 3
+        ips = _listening(True)
+        assert set(ips) <= {"127.0.0.1"}  # nothing reachable from another machine
+        assert ips or scheduler == "threads"
+
+
+def test_slurm_cluster_uses_tls_and_the_config(tmp_path):
+    from analyze.pipeline import slurm_cluster
+    from schemas.config import SlurmAnalysisConfig
+
+    cfg = SlurmAnalysisConfig(partition="cpu", cpus=4, mem="8G", time="00:30:00", extra=["--account=lab"])
+    cluster, security = slurm_cluster(cfg, setup=["module load Miniforge3"], scratch=tmp_path)
+    try:
+        script = cluster.job_script()
+        assert cluster.scheduler_address.startswith("tls://")
+        for needle in ("#SBATCH -p cpu", "--cpus-per-task=4", "--mem=8G", "-t 00:30:00",
+                       "#SBATCH --account=lab", "module load Miniforge3", "--tls-key", "--nworkers 4",
+                       "--dashboard-address 127.0.0.1:0", "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=",
+                       "MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS"):
+            assert needle in script
+        assert security.require_encryption
+        # the exported Dask config reaches remote nannies with its upper-case keys intact
+        line = next(ln for ln in script.splitlines() if "PRE_SPAWN_ENVIRON" in ln)
+        probe = subprocess.run(["bash", "-c", f"{line}; {sys.executable} -c 'import dask, distributed; "
+                                "print(dask.config.get(\"distributed.nanny.pre-spawn-environ\"))'"],
+                               capture_output=True, text=True)
+        env = ast.literal_eval(probe.stdout.strip())
+        assert env["MALLOC_TRIM_THRESHOLD_"] == str(64 << 20) and env["OPENBLAS_NUM_THREADS"] == 1
+        import psutil
+
+        http_port = cluster.scheduler_info["services"]["dashboard"]
+        listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == http_port]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
+        keys = [p for p in tmp_path.iterdir() if ".key." in p.name]
+        assert keys and all(p.stat().st_mode & 0o077 == 0 for p in keys)  # not readable by others
+    finally:
+        cluster.close()
+
+
+def test_unknown_scheduler_is_a_gap_error():
+    from analyze.pipeline import open_client
+    from schemas.errors import GapError
+
+    with pytest.raises(GapError, match="--scheduler"):
+        with open_client("mpi"):
+            pass
+
+
+def test_analyze_imports_without_torch():
+    code = ("import sys, analyze, analyze.cli, analyze.pipeline, analyze.decisions, analyze.results, "
+            "analyze.report; print(int(any(m in sys.modules for m in ('torch', 'nnsight', 'transformers', "
+            "'matplotlib'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

@@ -1,0 +1,165 @@
+"""The Dask geometry pass on a real store, against direct per-sample SVD / cosine / Gram computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis_fixtures import make_run
+from analyze.pipeline import geometry, open_client, plan_batches, plan_layer_groups, sample_runs
+from store import open_run
+
+
+def ref_er(x: np.ndarray) -> float:
+    if len(x) < 2:
+        return float("nan")
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    s = s[s > s.max() * 1e-9]
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def ref_icc(x: np.ndarray) -> float:
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = u @ u.T
+    return float((c.sum() - np.trace(c)) / (len(x) * (len(x) - 1)))
+
+
+def ref_cka(x: np.ndarray, y: np.ndarray) -> float:
+    def hsic(a, b):
+        n = len(a)
+        k, l = a @ a.T, b @ b.T
+        np.fill_diagonal(k, 0)
+        np.fill_diagonal(l, 0)
+        one = np.ones(n)
+        return (np.trace(k @ l) + one @ k @ one * (one @ l @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * one @ k @ l @ one) / (n * (n - 3))
+    return float(hsic(x, y) / np.sqrt(hsic(x, x) * hsic(y, y)))
+
+
+@pytest.fixture(scope="module")
+def client():
+    with open_client("threads", workers=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("geo") / "run")
+
+
+def _massive(x: np.ndarray, k: float = 100.0) -> np.ndarray:
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    return norms > k * np.median(norms)
+
+
+@pytest.fixture(scope="module")
+def geo(run, client, tmp_path_factory):
+    path, _ = run
+    ds = open_run(path, chunks=32)  # small chunks: samples straddle chunk boundaries
+    ok = ds.status.values.astype(str) == "ok"
+    # A budget of one layer per pass: four passes, each reading its own layer's chunks.
+    return geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                    client=client, scratch=tmp_path_factory.mktemp("scratch") / "s",
+                    memory_budget=1, progress=False)
+
+
+def test_per_sample_metrics_match_direct_computation(run, geo):
+    path, truth = run
+    order = sorted(truth.hidden)
+    for pos, index in enumerate(range(14)):
+        if index in truth.failed:
+            assert np.isnan(geo.er_sample[pos]).all() and np.isnan(geo.icc[pos]).all()
+            continue
+        h = truth.hidden[index].astype(np.float64)
+        for li in range(4):
+            heavy = _massive(h[li])
+            for m, mask in enumerate((truth.visual[index], truth.text[index])):
+                for v, rows in enumerate((mask, mask & ~heavy)):
+                    assert geo.er_sample[pos, li, m, v] == pytest.approx(ref_er(h[li][rows]), rel=1e-4)
+                    assert geo.icc[pos, li, m, v] == pytest.approx(ref_icc(h[li][rows]), rel=1e-4, abs=1e-6)
+                    assert geo.n_tokens[pos, li, m, v] == rows.sum()
+    assert order  # the run has analysed samples
+
+
+def test_pooled_effective_rank_is_svd_of_all_tokens(run, geo):
+    _, truth = run
+    for li in range(4):
+        for m, key in enumerate(("visual", "text")):
+            for v in range(2):
+                rows = []
+                for i, h in truth.hidden.items():
+                    mask = getattr(truth, key)[i]
+                    if v:
+                        mask = mask & ~_massive(h[li].astype(np.float64))
+                    rows.append(h[li][mask].astype(np.float64))
+                x = np.concatenate(rows)
+                assert geo.er_pooled[li, m, v] == pytest.approx(ref_er(x), rel=1e-4)
+                assert geo.n_pooled[li, m, v] == len(x)
+
+
+def test_massive_tokens_recorded_and_excluded(run, geo):
+    _, truth = run
+    records = {(int(s), int(layer), int(mod)) for s, _, layer, mod, _ in geo.massive}
+    n_ok = 14 - len(truth.failed)
+    # every sample's BOS at every layer ("other"), plus sample 3's visual token at layer 2
+    assert len(geo.massive) == n_ok * 4 + 1
+    assert (3, 2, 0) in records
+    assert all(mod == 2 for s, layer, mod in records if (s, layer) != (3, 2))
+    assert geo.n_tokens[3, 2, 0, 0] - geo.n_tokens[3, 2, 0, 1] == 1
+    assert (geo.massive[:, 4] > 100).all()
+
+
+def test_cka_matches_gram_matrix_reference(run, geo):
+    _, truth = run
+    idx = sorted(truth.hidden)
+    for li in range(4):
+        x = np.stack([truth.hidden[i][li][truth.visual[i]].astype(np.float64).mean(0) for i in idx])
+        y = np.stack([truth.hidden[i][li][truth.text[i]].astype(np.float64).mean(0) for i in idx])
+        assert geo.cka_modality[li, 0] == pytest.approx(ref_cka(x, y), rel=1e-4)
+    stack = [np.stack([truth.hidden[i][li][truth.text[i]].astype(np.float64).mean(0) for i in idx])
+             for li in range(4)]
+    for a in range(4):
+        for b in range(4):
+            assert geo.cka_layers[1, 0, a, b] == pytest.approx(ref_cka(stack[a], stack[b]), rel=1e-4)
+    assert geo.n_cka["modality_all"] == len(idx)
+
+
+def test_each_store_chunk_is_read_once(run, client, tmp_path, monkeypatch):
+    import zarr
+
+    path, _ = run
+    calls = []
+    original = zarr.Array.__getitem__
+
+    def counting(self, selection):
+        if self.ndim == 3:
+            calls.append(tuple((s.start, s.stop) for s in selection))
+        return original(self, selection)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", counting)
+    ds = open_run(path, chunks=32)
+    ok = ds.status.values.astype(str) == "ok"
+    geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+             client=client, scratch=tmp_path / "s", memory_budget=1, progress=False)
+    reads = [c for c in calls if c[1][1] > c[1][0]]
+    assert len(reads) == len(set(reads))  # no region twice
+    by_layer: dict[int, list] = {}
+    for (l0, _), (t0, t1), _ in reads:
+        by_layer.setdefault(l0, []).append((t0, t1))
+    for spans in by_layer.values():  # and no two reads of a layer overlap
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_plans():
+    samples, starts, stops = sample_runs(np.array([0, 0, 2, 2, 2]))
+    assert samples.tolist() == [0, 2] and starts.tolist() == [0, 2] and stops.tolist() == [2, 5]
+    with pytest.raises(Exception, match="contiguous"):
+        sample_runs(np.array([0, 1, 0]))
+    # a failed sample (1) is skipped; sample 2 starts in chunk 0 and runs into chunk 2
+    batches = plan_batches(np.array([0, 0, 1, 2, 2, 2, 2, 2, 3]), np.array([1, 0, 1, 1], bool), [4, 2, 3])
+    assert [(b.chunk_lo, b.chunk_hi, b.samples.tolist()) for b in batches] == [(0, 2, [0, 2]), (2, 2, [3])]
+    assert batches[1].bounds.tolist() == [[2, 3]]
+    assert plan_layer_groups([1] * 5, 8, 10, 1, 1) == [(i, i + 1) for i in range(5)]
+    assert plan_layer_groups([2, 2], 8, 10, 1, 1 << 30) == [(0, 2)]
