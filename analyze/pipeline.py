@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from analyze.metrics import (Moments, RowAccumulator, cka_matrix, effective_rank_from_gram, icc,
+from analyze.metrics import (Moments, RowAccumulator, cka_matrix, effective_rank_from_gram, icc_shifted,
                              massive_mask)
 from schemas.errors import GapError
 
@@ -166,7 +166,8 @@ def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k
     ([4], [1], [1, 0])
     """
     d = x.shape[1]
-    norms = np.linalg.norm(x, axis=1)
+    # float64 norms: the ICC divides by them (the massive mask would not need it).
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     median = float(np.median(norms)) if norms.size else 0.0
     massive = massive_mask(norms, k)
     out = SampleGeometry(np.full((2, 2), np.nan), np.full((2, 2), np.nan), np.zeros((2, 2), np.int64),
@@ -180,18 +181,20 @@ def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k
         out.massive_rows.append(rows[heavy])
         if rows.shape[0] == 0:
             continue
-        mean = rows.mean(axis=0, dtype=np.float64)
         # float64: the Gram route squares the spectrum, and float32 round-off (eps x |x|^2) would
         # swamp the small eigenvalues whenever a large token sets the scale.
-        centred = rows.astype(np.float64) - mean
+        centred = rows.astype(np.float64)
+        mean = centred.mean(axis=0)
+        centred -= mean
         gram = centred @ centred.T
+        row_norms = norms[mask]
         out.er[m, 0] = effective_rank_from_gram(gram)
-        out.icc[m, 0] = icc(rows)
+        out.icc[m, 0] = icc_shifted(centred, mean, row_norms)  # O(N d), reusing the centred rows
         out.pooled[m, 0] = mean
         out.n_tokens[m] = rows.shape[0], kept.shape[0]
         if heavy.any():
             out.er[m, 1] = effective_rank_from_gram(gram[np.ix_(~heavy, ~heavy)])
-            out.icc[m, 1] = icc(kept)
+            out.icc[m, 1] = icc_shifted(centred, mean, np.where(heavy, 0.0, row_norms))
             if kept.shape[0]:
                 out.pooled[m, 1] = kept.mean(axis=0, dtype=np.float64)
         else:

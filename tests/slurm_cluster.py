@@ -136,7 +136,7 @@ def write_config(root: Path, node: str, cpus: int, memory_mb: int) -> Path:
         "AccountingStorageType=accounting_storage/none",
         "JobCompType=jobcomp/none",
         # Short waits keep the tests fast; finished jobs stay visible to squeue/scontrol a while.
-        "KillWait=15",
+        "KillWait=60",  # a loaded CI machine needs time to commit the current batch on SIGTERM
         "MinJobAge=600",
         "InactiveLimit=0",
         f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from analyze.metrics import (Moments, cka_matrix, debiased_cka, debiased_hsic, effective_rank,
                              effective_rank_from_gram, effective_rank_from_spectrum, icc,
-                             massive_mask)
+                             icc_shifted, massive_mask)
 
 
 # --- independent reference implementations (the textbook definitions) ------------------------
@@ -170,6 +170,19 @@ def test_icc_matches_pairwise_cosines_and_ignores_zero_rows():
     with_zero = np.vstack([x, np.zeros((2, 11))])
     assert icc(with_zero) == pytest.approx(ref_icc(x), rel=1e-10)
 
+
+
+def test_icc_shifted_equals_pairwise_cosines_of_rows_and_subsets():
+    # Rows with a large common offset, given as (centred rows, mean): the pipeline's form.
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((29, 13)) + 3.0
+    mean = x.mean(axis=0)
+    norms = np.linalg.norm(x, axis=1)
+    assert icc_shifted(x - mean, mean, norms) == pytest.approx(ref_icc(x), rel=1e-10)
+    drop = np.zeros(29, bool)
+    drop[[0, 7, 20]] = True  # a subset: the dropped rows' norms given as 0
+    assert icc_shifted(x - mean, mean, np.where(drop, 0.0, norms)) == pytest.approx(ref_icc(x[~drop]), rel=1e-10)
+    assert np.isnan(icc_shifted(x - mean, mean, np.where(np.arange(29) == 3, norms, 0.0)))
 
 # --- massive activations -----------------------------------------------------------------------
 
