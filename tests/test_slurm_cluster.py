@@ -145,7 +145,8 @@ def test_fake_array_usr1_requeue_and_dependency(slurm_cluster: SlurmCluster, fak
 
 # ----------------------------------------------------------------------------- the real gap
 
-E2E_ROWS = 12  # 6 per shard: long enough (~1 s a sample on one core) to stop a task mid-shard
+E2E_ROWS = 40  # 20 per shard, one at a time with generation: long enough to stop a task mid-shard
+PER_SHARD = E2E_ROWS // 2
 # A threaded scheduler and no figures: the default (a local Dask cluster, plots) adds ~25 s here.
 ANALYZE_ARGS = ("--scheduler", "threads", "--no-plots")
 
@@ -160,7 +161,9 @@ def e2e_config(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.Te
     cfg = write_config(tmp_path_factory.mktemp("e2e") / "tiny.yaml", str(model), limit=E2E_ROWS, shards=2)
     data = yaml.safe_load(cfg.read_text())
     data["model"]["dtype"] = "float32"
-    data["capture"] = {"causal": {"methods": ["zero"]}, "truncation": {"modes": ["knockout"], "layers": [0]}}
+    data["capture"] = {"batch_size": 1, "causal": {"methods": ["zero"]},
+                       "truncation": {"modes": ["knockout"], "layers": [0], "score": ["logprob", "generate"],
+                                      "max_new_tokens": 8}}
     cfg.write_text(yaml.safe_dump(data))
     return cfg
 
@@ -175,7 +178,7 @@ def _check_complete(run: Path) -> None:
 
     assert verify_run(run) == []
     progress = slurm_status.shard_progress(run, 2)
-    assert [(p.done, p.failed, p.left) for p in progress] == [(6, 0, 0), (6, 0, 0)]
+    assert [(p.done, p.failed, p.left) for p in progress] == [(PER_SHARD, 0, 0), (PER_SHARD, 0, 0)]
     decision = json.loads((run / "analysis" / "decision.json").read_text())
     assert {"cp1", "cp2", "cp3", "overall"} <= set(decision)
 
@@ -226,14 +229,14 @@ def test_e2e_requeue_and_scancel_then_resubmit(slurm_cluster: SlurmCluster, e2e_
     log1 = _log(run, job, 1)
     assert "SIGTERM received" in log1 and "stopped early" in log1  # it committed its batch, then exited
     progress = slurm_status.shard_progress(run, 2)
-    assert (progress[0].done, progress[0].left) == (6, 0)
-    assert progress[1].done < 6 and progress[1].done + progress[1].left == 6
+    assert (progress[0].done, progress[0].left) == (PER_SHARD, 0)
+    assert progress[1].done < PER_SHARD and progress[1].done + progress[1].left == PER_SHARD
 
     second = submit.submit(e2e_plan(e2e_config, run))
     assert second["tasks"] == [1]
     assert wait_final(slurm_cluster, second["capture"], 1, 240) == {f"{second['capture']}_1": "COMPLETED"}
     assert wait_final(slurm_cluster, second["analysis"], 1, 240) == {second["analysis"]: "COMPLETED"}
-    assert f"shard 1/2: {6 - progress[1].done} of 6 samples to do" in _log(run, second["capture"], 1)
+    assert f"shard 1/2: {PER_SHARD - progress[1].done} of {PER_SHARD} samples to do" in _log(run, second["capture"], 1)
     _check_complete(run)
 
     got, want = open_run(run), open_run(e2e_reference)
