@@ -51,7 +51,7 @@ def _cp_lines(decision: dict[str, Any]) -> list[str]:
         nm = cp3["no_massive"]
         numbers = (f"{cp3['met']}/4 met (pre {cp3['pre_layers']}, post {cp3['post_layers']}): visual ER "
                    f"ratio {_fmt(nm['visual_er_ratio'])}, text ER ratio {_fmt(nm['text_er_ratio'])}, "
-                   f"visual ICC +{_fmt(nm['visual_icc_increase'])}, CKA +{_fmt(nm['cka_increase'])}")
+                   f"visual ICC change {_fmt(nm['visual_icc_increase'])}, CKA change {_fmt(nm['cka_increase'])}")
     else:
         numbers = cp3.get("reason", "")
     lines.append(f"| CP3 geometric collapse | **{cp3['verdict']}** | {numbers} | {cp3.get('n', 0)} |")

@@ -200,7 +200,7 @@ def baseline(run: str, samples: int, layers: int, measured: int, offset: int = 0
             "cka_modality": mod.tolist(), "cka_layers": maps.tolist()}
 
 
-def speedup(tmp: Path, samples: int = 26, layers: int = 2, measured: int = 3, repeats: int = 3) -> dict[str, float]:
+def speedup(tmp: Path, samples: int = 26, layers: int = 2, measured: int = 3, repeats: int = 2) -> dict[str, float]:
     import json
 
     from analyze.cli import chunk_tokens
