@@ -1,8 +1,8 @@
 """The Dask pipelines: one read of the activations for every geometry metric, then the rest.
 
 Geometry pass.  The token axis of ``hidden`` is cut into *batches*: the samples whose tokens
-start in one Dask chunk (a sample running past the chunk's end takes the next chunk along).
-Each task receives whole chunks, so when all tasks of a layer group are computed together every
+start in one Dask chunk (a sample running past the chunk's end takes the next chunk along),
+consecutive ones joined up to ``task_bytes`` of tokens per layer.  Each task receives whole chunks, so when all tasks of a layer group are computed together every
 chunk is read from the store exactly once, whichever batches share it.  A task computes, for each
 of its samples and layers and for both modalities (visual tokens, question tokens):
 
@@ -107,6 +107,28 @@ def plan_batches(token_sample: np.ndarray, ok: np.ndarray, chunk_sizes: Sequence
         bounds = np.stack([starts[sel] - offset, stops[sel] - offset], axis=1)
         batches.append(Batch(int(chunk), int(last[sel].max()), offset, samples[sel], bounds))
     return batches
+
+
+def join_batches(batches: Sequence[Batch], max_tokens: int) -> list[Batch]:
+    """Consecutive batches joined while one's token span stays within ``max_tokens``.
+
+    Each task returns d x d moments whatever its size, so tasks of more samples ship (and the
+    client merges) fewer of them per sample.
+
+    >>> b = plan_batches(np.array([0, 0, 0, 1, 1, 2]), np.array([True, True, True]), [2, 2, 2])
+    >>> [(x.chunk_lo, x.chunk_hi, x.samples.tolist(), x.bounds.tolist()) for x in join_batches(b, 5)]
+    [(0, 2, [0, 1], [[0, 3], [3, 5]]), (2, 2, [2], [[1, 2]])]
+    """
+    out: list[Batch] = []
+    for b in batches:
+        if out and b.offset + int(b.bounds[:, 1].max()) - out[-1].offset <= max_tokens:
+            a = out[-1]
+            out[-1] = Batch(a.chunk_lo, max(a.chunk_hi, b.chunk_hi), a.offset,
+                            np.concatenate([a.samples, b.samples]),
+                            np.concatenate([a.bounds, b.bounds + (b.offset - a.offset)]))
+        else:
+            out.append(b)
+    return out
 
 
 def plan_layer_groups(layer_chunks: Sequence[int], hidden_size: int, chunk_tokens: int,
@@ -302,7 +324,8 @@ def _hidden_array(hidden: Any):
 
 def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_text: np.ndarray,
              ok: np.ndarray, *, client: Any, scratch: str | Path, massive_k: float = 100.0,
-             memory_budget: int = 256 << 20, progress: bool = True) -> GeometryResult:
+             memory_budget: int = 256 << 20, task_bytes: int = 128 << 20,
+             progress: bool = True) -> GeometryResult:
     """All geometry metrics of a run in one read of its activations.
 
     Parameters
@@ -314,6 +337,8 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     scratch : directory for the memory-mapped pooled states (removed afterwards)
     massive_k : a token is massive when its norm exceeds ``massive_k`` x the sample-layer median
     memory_budget : bytes for accumulators and in-flight chunks; sets how many layers a pass holds
+    task_bytes : float32 bytes of tokens per layer a task takes (whole chunks' samples, at least
+        one chunk); larger tasks ship fewer d x d moments per sample
 
     Examples
     --------
@@ -336,10 +361,14 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     n_layers, _, d = data.shape
     n = len(ok)
     layer_values = np.asarray(getattr(hidden, "layer", np.arange(n_layers)))
-    batches = plan_batches(token_sample, ok, data.chunks[1])
-    layer_edges = np.concatenate([[0], np.cumsum(data.chunks[0])])
     workers = max(1, len(client.nthreads()))
-    groups = plan_layer_groups(data.chunks[0], d, max(data.chunks[1], default=1), workers, memory_budget)
+    # At least two tasks per worker and layer group where the run allows: a small run keeps
+    # every worker busy, a large one ships fewer d x d moments per sample.
+    task_tokens = max(max(data.chunks[1], default=1),
+                      min(task_bytes // (4 * d), -(-data.shape[1] // (2 * workers))))
+    batches = join_batches(plan_batches(token_sample, ok, data.chunks[1]), task_tokens)
+    layer_edges = np.concatenate([[0], np.cumsum(data.chunks[0])])
+    groups = plan_layer_groups(data.chunks[0], d, task_tokens, workers, memory_budget)
     chunk_grid = data.to_delayed(optimize_graph=True)[:, :, 0]
     visual, text = np.asarray(is_visual, bool), np.asarray(is_text, bool)
 

@@ -125,6 +125,19 @@ def test_cka_matches_gram_matrix_reference(run, geo):
     assert geo.n_cka["modality_all"] == len(idx)
 
 
+def test_task_size_does_not_change_results(run, client, geo, tmp_path):
+    # Chunks of 16 tokens: 13 batches, joined into 6 tasks of 2-3 samples (the run is split into
+    # at least two tasks per worker); the fixture's 32-token chunks run one chunk per task.
+    path, _ = run
+    ds = open_run(path, chunks=16)
+    ok = ds.status.values.astype(str) == "ok"
+    joined = geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                      client=client, scratch=tmp_path / "s", memory_budget=1, progress=False)
+    for name in ("er_sample", "icc", "er_pooled", "cka_modality", "cka_layers"):
+        np.testing.assert_allclose(getattr(joined, name), getattr(geo, name), rtol=1e-9, err_msg=name)
+    np.testing.assert_array_equal(joined.n_tokens, geo.n_tokens)
+
+
 def test_each_store_chunk_is_read_once(run, client, tmp_path, monkeypatch):
     import zarr
 
