@@ -32,5 +32,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# On a CUDA machine: capture overhead and causal sweep speedup for the real model shapes.
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_capture
+
 clean:
 	rm -rf $(VENV) demo .pytest_cache

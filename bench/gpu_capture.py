@@ -19,7 +19,8 @@ tokens) and a word-level tokenizer, and ~640-token samples. Then, alternating, i
 Figures: ``gpu_capture_overhead_<m>`` = capture / plain; ``gpu_capture_vs_limit_<m>`` = capture /
 max(plain, bytes / raw write speed), the physical limit of TOOLING.md measured in the same run;
 plus per-sample milliseconds and GB/s. If the MoE model does not fit, it is rebuilt with fewer
-layers and ``gpu_capture_qwen3moe_layers`` says how many.
+layers and ``gpu_capture_qwen3moe_layers`` says how many. Last, ``gpu_causal_sweep_speedup``:
+the all-layer causal sweep of :func:`bench.bench_causal.gpu_figures` (``--no-causal`` skips it).
 """
 
 from __future__ import annotations
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2, help="samples per forward (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions of each timing (default 3; smoke 1)")
     parser.add_argument("--workdir", default=None, help="directory for the run stores (default: a temp dir)")
+    parser.add_argument("--no-causal", action="store_true",
+                        help="skip the causal sweep figure (bench.bench_causal.gpu_figures, Qwen3-VL-30B-A3B shape)")
     args = parser.parse_args(argv)
     import torch
 
@@ -267,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 measure(name, args, device, Path(tmp))
                 print(f"# {name}: {time.perf_counter() - start:.0f} s")
+    if device == "cuda" and not args.no_causal:
+        from bench.bench_causal import gpu_figures
+
+        for key, value in gpu_figures().items():
+            print(f"gpu_{key}: {value:.3f}" if isinstance(value, float) else f"# {key}: {value}")
     return 0
 
 
