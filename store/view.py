@@ -146,7 +146,7 @@ def open_run(run: str | Path, chunks: int | None = None):
 
     # per-token coordinates, ordered by sample
     ranges = _token_ranges(samples)
-    tables = {p.path: _read_tokens(p) for p in {id(p): p for p, _, _ in ranges}.values()}
+    tables = {p.path: _read_tokens(p) for p in {p.path: p for p, _, _ in ranges}.values()}
     table = (np.concatenate([tables[p.path][a:b] for p, a, b in ranges]) if ranges
              else np.zeros((0, len(layout.TOKEN_COLUMNS)), np.int32))
     position_of = {int(k): i for i, k in enumerate(sample_index)}

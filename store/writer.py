@@ -250,7 +250,7 @@ class RunWriter:
                 fh.truncate(good)
         end = commits[-1]["end"] if commits else 0
         for name, key in ((layout.HIDDEN, 1), (layout.TOKENS, 0)):
-            self._drop_blocks_from(self.dir / name, end // self.block if self.block else 0, key)
+            self._drop_blocks_from(self.dir / name, end // self.block, key)
         return commits
 
     def _drop_blocks_from(self, array_dir: Path, first_block: int, axis: int) -> None:
@@ -333,12 +333,12 @@ class RunWriter:
                     break
                 if item is not ...:
                     meta, tokens, hidden = item
-                    meta["offset"] = state["filled"] + sum(len(t) for t, _ in pending)
+                    meta["offset"] = self._tail(pending, state)
                     seg_samples.append(meta)
                     if tokens is not None:
                         pending.append((tokens, hidden))
                         self._write_full_blocks(pending, state)
-                seg_len = state["filled"] + sum(len(t) for t, _ in pending) - state["start"]
+                seg_len = self._tail(pending, state) - state["start"]
                 if seg_samples and (seg_len >= self.segment_tokens
                                     or time.monotonic() - state["t0"] >= self.commit_seconds):
                     self._commit(seg_samples, pending, state)
@@ -355,6 +355,11 @@ class RunWriter:
                 except queue.Empty:
                     if not threading.main_thread().is_alive():
                         break
+
+    @staticmethod
+    def _tail(pending: list, state: dict[str, Any]) -> int:
+        """Part-local token offset just after everything received (written or still pending)."""
+        return state["filled"] + sum(len(t) for t, _ in pending)
 
     def _write_full_blocks(self, pending: list, state: dict[str, Any], pad: bool = False) -> None:
         while pending and (sum(len(t) for t, _ in pending) >= self.block or pad):
@@ -393,7 +398,7 @@ class RunWriter:
         layout.atomic_write(path, tokens.astype("<i4").tobytes())
 
     def _commit(self, samples: list[dict[str, Any]], pending: list, state: dict[str, Any]) -> None:
-        stop = state["filled"] + sum(len(t) for t, _ in pending)
+        stop = self._tail(pending, state)
         self._write_full_blocks(pending, state, pad=True)
         end = state["filled"]
         for name, axis in ((layout.HIDDEN, 1), (layout.TOKENS, 0)):

@@ -192,29 +192,28 @@ def test_script_passes_hostile_paths_verbatim_and_requeues_on_usr1(tmp_path: Pat
     assert "stopped early" in out and "requeueing 77_2" in out
 
 
-def test_script_without_signal_does_not_requeue_and_passes_exit_code(tmp_path: Path) -> None:
-    bin_dir = _fake_bin(tmp_path, capture_rc=3)
+def _run_single_task_script(tmp_path: Path, **fake: int) -> tuple[int, list[list[str]]]:
+    """Render a one-shard capture script over the stand-ins, run it, return (exit code, calls)."""
+    bin_dir = _fake_bin(tmp_path, **fake)
     script = tmp_path / "capture.sbatch"
     script.write_text(render.render_capture(SlurmConfig(shards=1, gpus=0), run_dir="/r",
                                             config_path="/r/c.yaml", gap=[str(bin_dir / "gap")]))
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "5", "SLURM_JOB_ID": "5"}
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30,
                           check=False)
-    assert done.returncode == 3
     calls = [json.loads(line)[:2] for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    return done.returncode, calls
+
+
+def test_script_without_signal_does_not_requeue_and_passes_exit_code(tmp_path: Path) -> None:
+    returncode, calls = _run_single_task_script(tmp_path, capture_rc=3)
+    assert returncode == 3
     assert calls == [["gap", "slurm"], ["gap", "capture"]]  # no scontrol requeue
 
 
 def test_probe_failure_stops_the_script(tmp_path: Path) -> None:
-    bin_dir = _fake_bin(tmp_path, probe_rc=1)
-    script = tmp_path / "capture.sbatch"
-    script.write_text(render.render_capture(SlurmConfig(shards=1, gpus=0), run_dir="/r",
-                                            config_path="/r/c.yaml", gap=[str(bin_dir / "gap")]))
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "5", "SLURM_JOB_ID": "5"}
-    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30,
-                          check=False)
-    assert done.returncode == 1
-    calls = [json.loads(line)[:2] for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    returncode, calls = _run_single_task_script(tmp_path, probe_rc=1)
+    assert returncode == 1
     assert calls == [["gap", "slurm"]]  # gap capture never ran
 
 

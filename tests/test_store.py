@@ -19,6 +19,7 @@ from schemas.run import shard_indices
 from store import layout
 from store.encoding import bf16_bits_to_float32
 from store.inspect import run_info, verify_run
+from store.reader import read_run
 from store.view import open_run
 from store.writer import RunWriter
 from storekit import COORDS, make_record, make_spec, write_shard
@@ -117,7 +118,7 @@ def test_padding_waste_under_ten_percent(tmp_path):
             rec.position = rec.is_visual = rec.is_text = rec.is_answer = None
             rec.values = {}
             w.put(rec)
-    end = sum(p.end for p in __import__("store.reader", fromlist=["read_run"]).read_run(tmp_path / "run").parts)
+    end = sum(p.end for p in read_run(tmp_path / "run").parts)
     waste = (end - total) / total
     assert 0 <= waste <= 0.10
     assert open_run(tmp_path / "run").sizes["token"] == total
