@@ -47,8 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. analysis.tau=0.02 (VALUE is YAML); repeatable")
     p.add_argument("--memory-budget", default="256M",
-                   help="memory for geometry accumulators and chunks in flight, e.g. 128M, 2G "
-                        "(default 256M; more means more layers per pass, fewer passes)")
+                   help="memory per worker for the pooled accumulators and chunks in flight, e.g. "
+                        "128M, 2G (default 256M; more means more layers per pass, fewer passes)")
     p.add_argument("--relabel", action="store_true",
                    help="relabel hard/easy from the truncation results before the curves and CP1")
     p.add_argument("--no-plots", action="store_true", help="skip the figures (report without them)")
@@ -124,11 +124,12 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
     return write_report(analysis, decision, figures, out)
 
 
-def chunk_tokens(hidden: dict[str, Any], target_bytes: int = 32 << 20) -> int | None:
+def chunk_tokens(hidden: dict[str, Any], target_bytes: int = 16 << 20) -> int | None:
     """Tokens per Dask chunk: whole store blocks, about ``target_bytes`` of float32 per layer.
 
     Smaller than the store view's default so that each task (a chunk's samples, all layers of a
-    pass) stays small in the workers' memory.
+    pass) stays small in the workers' memory, and a pass has enough tasks to keep every worker
+    busy to its end (about three LLaVA-1.5 samples per task).
     """
     block, size = hidden.get("block_tokens"), hidden.get("hidden_size")
     if not block or not size:

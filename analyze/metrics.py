@@ -25,8 +25,10 @@ import numpy as np
 __all__ = [
     "Moments", "cka_matrix", "debiased_cka", "debiased_hsic", "effective_rank",
     "effective_rank_from_gram", "effective_rank_from_spectrum", "icc", "icc_shifted", "massive_mask",
-    "RowAccumulator",
+    "ROW_BUFFER_BYTES", "RowAccumulator",
 ]
+
+ROW_BUFFER_BYTES = 16 << 20  # float64 rows a RowAccumulator gathers before each syrk
 
 
 def effective_rank_from_spectrum(singular_values: np.ndarray) -> float:
@@ -193,12 +195,16 @@ def _add_outer_upper(a: np.ndarray, v: np.ndarray, alpha: float) -> np.ndarray:
 
 
 class RowAccumulator:
-    """Moments of rows added a chunk at a time, without concatenating the chunks.
+    """Moments of rows added a group at a time (one sample's tokens), without concatenating them.
 
-    Rows are shifted by the first chunk's mean (activations share a large offset), gathered in a
-    float64 buffer of about ``buffer_bytes`` and their scatter is accumulated in place with BLAS
-    ``syrk`` each time it fills: one product over many samples' rows runs faster than one per
-    sample (a sample has 40 question tokens).  :meth:`moments` converts to centred moments.
+    Each group is centred on its own mean into a float64 buffer, followed by one row
+    ``sqrt(n) (mean - shift)`` (``shift`` is the first group's mean): the outer products of a
+    group's rows about ``shift`` sum to exactly those of its centred rows plus that row's.  When
+    the buffer fills, its scatter is accumulated in place with one BLAS ``syrk`` over many groups'
+    rows (faster than one product per sample: a sample has 40 question tokens), and
+    :meth:`moments` converts to centred moments.  :meth:`add` hands back the group's centred rows
+    in the buffer, so a caller that needs them (a Gram matrix) makes no copy of its own.
+
     float64 because the effective rank takes square roots of these eigenvalues: float32
     round-off (eps x the largest eigenvalue, whatever the shift) would turn zero or tiny
     eigenvalues into singular values of ~3e-4 x the largest and inflate the effective rank of
@@ -207,44 +213,59 @@ class RowAccumulator:
     Examples
     --------
     >>> acc = RowAccumulator(2)
-    >>> acc.add(np.array([[1.0, 0.0], [3.0, 0.0]]))
-    >>> acc.add(np.array([[2.0, 3.0]]))
+    >>> centred, mean = acc.add(np.array([[1.0, 0.0], [3.0, 0.0]]))
+    >>> centred.tolist(), mean.tolist()
+    ([[-1.0, 0.0], [1.0, 0.0]], [2.0, 0.0])
+    >>> _ = acc.add(np.array([[2.0, 3.0]]))
     >>> m = acc.moments()
     >>> m.count, m.mean.tolist(), m.full_scatter().tolist()
     (3, [2.0, 1.0], [[2.0, 0.0], [0.0, 6.0]])
     """
 
-    def __init__(self, dim: int, buffer_bytes: int = 32 << 20) -> None:
+    def __init__(self, dim: int, buffer_bytes: int = ROW_BUFFER_BYTES) -> None:
         self.dim = dim
-        self._capacity = max(64, buffer_bytes // (8 * max(dim, 1)))
+        self.capacity = max(64, buffer_bytes // (8 * max(dim, 1)))
         self._reset()
 
     def _reset(self) -> None:
         self.count = 0
         self.shift: np.ndarray | None = None
-        self.total = np.zeros(self.dim)
+        self.total = np.zeros(self.dim)  # sum of (row - shift)
         self.upper: np.ndarray | None = None
         self._buffer: np.ndarray | None = None
         self._used = 0
 
-    def add(self, x: np.ndarray) -> None:
-        """Add the rows of ``x`` (n, dim), float32 or float64."""
-        if x.shape[0] == 0:
-            return
+    def add(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add the rows of ``x`` (n, dim), float32 or float64, as one group.
+
+        Returns the rows centred on their mean (float64, valid until the next ``add``) and the
+        mean.
+        """
+        n = x.shape[0]
+        mean = x.mean(axis=0, dtype=np.float64) if n else np.full(self.dim, np.nan)
+        if n == 0:
+            return np.zeros((0, self.dim)), mean
         if self.shift is None:
-            self.shift = x.mean(axis=0, dtype=np.float64)
-        start = 0
-        while start < x.shape[0]:
-            if self._buffer is None:  # sized to what is known so far (small pools stay small)
-                self._buffer = np.empty((min(self._capacity, max(x.shape[0], 64)), self.dim))
-            if self._used == self._buffer.shape[0]:
-                self._flush()
-                if self._buffer.shape[0] < self._capacity:
-                    self._buffer = np.empty((self._capacity, self.dim))
-            take = min(x.shape[0] - start, self._buffer.shape[0] - self._used)
-            np.subtract(x[start:start + take], self.shift, out=self._buffer[self._used:self._used + take])
-            self._used += take
-            start += take
+            self.shift = mean.copy()
+        rows = self._rows(n + 1)
+        np.subtract(x, mean, out=rows[:n])
+        offset = mean - self.shift
+        np.multiply(offset, np.sqrt(n), out=rows[n])
+        self.count += n
+        self.total += n * offset
+        return rows[:n], mean
+
+    def _rows(self, k: int) -> np.ndarray:
+        """The next ``k`` free rows of the buffer, flushing or growing it first as needed."""
+        if self._buffer is not None and self._used + k > self._buffer.shape[0]:
+            self._flush()
+            if self._buffer.shape[0] < max(k, self.capacity):  # a small pool that keeps growing
+                self._buffer = np.empty((max(k, self.capacity), self.dim))
+        if self._buffer is None:  # sized to what is known so far (small pools stay small)
+            self._buffer = np.empty((max(k, min(self.capacity, 4 * k)), self.dim))
+        rows = self._buffer[self._used:self._used + k]
+        self._used += k
+        return rows
 
     def _flush(self) -> None:
         from scipy.linalg.blas import dsyrk
@@ -252,8 +273,6 @@ class RowAccumulator:
         if not self._used or self._buffer is None:
             return
         y = self._buffer[:self._used]  # C-ordered rows
-        self.count += y.shape[0]
-        self.total += y.sum(axis=0)
         # y.T of a C-ordered array is Fortran-ordered: BLAS reads it in place; C is updated in place.
         if self.upper is None:
             self.upper = dsyrk(1.0, y.T, trans=0)

@@ -1,8 +1,8 @@
 """The Dask pipelines: one read of the activations for every geometry metric, then the rest.
 
 Geometry pass.  The token axis of ``hidden`` is cut into *batches*: the samples whose tokens
-start in one Dask chunk (a sample running past the chunk's end takes the next chunk along),
-consecutive ones joined up to ``task_bytes`` of tokens per layer.  Each task receives whole chunks, so when all tasks of a layer group are computed together every
+start in one Dask chunk (a sample running past the chunk's end takes the next chunk along).
+Each task receives whole chunks, so when all tasks of a layer group are computed together every
 chunk is read from the store exactly once, whichever batches share it.  A task computes, for each
 of its samples and layers and for both modalities (visual tokens, question tokens):
 
@@ -10,11 +10,14 @@ of its samples and layers and for both modalities (visual tokens, question token
 - per-sample effective rank (eigenvalues of the centred N x N Gram matrix) and ICC, with all
   tokens and without the massive ones (a row subset of the same Gram matrix);
 - the mean-pooled state (for the sample-paired CKA);
-- streamed moments (count, mean, scatter) of the batch's tokens for the pooled effective rank.
+- the streamed scatter of the tokens for the pooled effective rank, accumulated in its worker's
+  memory: each worker holds one d x d accumulator per layer, modality and variant for the whole
+  pass, and only those (not one per task) travel, to the worker that takes the eigenvalues.
 
-The client merges the moments in place as tasks finish (memory: one accumulator per layer of the
-current layer group, whose size follows ``memory_budget``), writes the pooled states to a memory
-map in the output directory, and computes the pooled effective ranks and the CKA maps at the end.
+The client writes the per-sample values and the pooled states (a memory map in the output
+directory) as tasks finish, checks that every batch reached the pooled ranks exactly once (a
+worker lost mid-pass loses its accumulators: the layer group runs again), and computes the CKA
+maps at the end.  Layer groups are as large as ``memory_budget`` per worker allows.
 
 Examples
 --------
@@ -31,7 +34,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +44,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from analyze.metrics import (Moments, RowAccumulator, cka_matrix, effective_rank_from_gram, icc_shifted,
-                             massive_mask)
+from analyze.metrics import (ROW_BUFFER_BYTES, Moments, RowAccumulator, cka_matrix, effective_rank_from_gram,
+                             icc_shifted, massive_mask)
 from schemas.errors import GapError
 
 log = logging.getLogger("gap.analyze")
@@ -109,39 +114,18 @@ def plan_batches(token_sample: np.ndarray, ok: np.ndarray, chunk_sizes: Sequence
     return batches
 
 
-def join_batches(batches: Sequence[Batch], max_tokens: int) -> list[Batch]:
-    """Consecutive batches joined while one's token span stays within ``max_tokens``.
-
-    Each task returns d x d moments whatever its size, so tasks of more samples ship (and the
-    client merges) fewer of them per sample.
-
-    >>> b = plan_batches(np.array([0, 0, 0, 1, 1, 2]), np.array([True, True, True]), [2, 2, 2])
-    >>> [(x.chunk_lo, x.chunk_hi, x.samples.tolist(), x.bounds.tolist()) for x in join_batches(b, 5)]
-    [(0, 2, [0, 1], [[0, 3], [3, 5]]), (2, 2, [2], [[1, 2]])]
-    """
-    out: list[Batch] = []
-    for b in batches:
-        if out and b.offset + int(b.bounds[:, 1].max()) - out[-1].offset <= max_tokens:
-            a = out[-1]
-            out[-1] = Batch(a.chunk_lo, max(a.chunk_hi, b.chunk_hi), a.offset,
-                            np.concatenate([a.samples, b.samples]),
-                            np.concatenate([a.bounds, b.bounds + (b.offset - a.offset)]))
-        else:
-            out.append(b)
-    return out
-
-
 def plan_layer_groups(layer_chunks: Sequence[int], hidden_size: int, chunk_tokens: int,
-                      workers: int, memory_budget: int) -> list[tuple[int, int]]:
-    """Consecutive layer-chunk ranges ``[a, b)`` whose working memory fits ``memory_budget``.
+                      memory_budget: int) -> list[tuple[int, int]]:
+    """Consecutive layer-chunk ranges ``[a, b)`` whose working memory per worker fits ``memory_budget``.
 
-    Per layer: two modalities x (kept + massive) float64 scatter matrices on the client, plus, for
-    each task in flight (a worker's own and one queued), a float32 chunk and its batch's copy.
+    Per layer, on each worker: two modalities x (kept + massive tokens) float64 scatter matrices
+    and the kept tokens' row buffers (see :class:`RowAccumulator`), plus, for each task in flight
+    (its own and one queued), a float32 chunk and its batch's copy.
 
-    >>> plan_layer_groups([1, 1, 1, 1], 1024, 4096, 2, 300 << 20)
+    >>> plan_layer_groups([1, 1, 1, 1], 512, 4096, 200 << 20)
     [(0, 2), (2, 4)]
     """
-    per_layer = 4 * hidden_size * hidden_size * 8 + (workers + 1) * 2 * chunk_tokens * hidden_size * 4
+    per_layer = 4 * hidden_size * hidden_size * 8 + 2 * ROW_BUFFER_BYTES + 2 * 2 * chunk_tokens * hidden_size * 4
     groups, start, used = [], 0, 0
     for i, size in enumerate(layer_chunks):
         cost = size * per_layer
@@ -164,14 +148,14 @@ class SampleGeometry:
     icc: np.ndarray         # (2, 2)
     n_tokens: np.ndarray    # (2, 2)
     pooled: np.ndarray      # (2, 2, d)
-    kept_rows: list[np.ndarray]     # per modality, rows without massive tokens
-    massive_rows: list[np.ndarray]  # per modality, the massive rows
     massive: np.ndarray     # indices (within the sample) of massive tokens
     ratio: np.ndarray       # their norm / median norm
     modality: np.ndarray    # their modality code (0 visual, 1 text, 2 other)
 
 
-def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k: float) -> SampleGeometry:
+def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k: float,
+                          pools: Sequence[tuple[RowAccumulator, RowAccumulator]] | None = None
+                          ) -> SampleGeometry:
     """Every per-sample geometry number of one sample at one layer.
 
     Parameters
@@ -179,6 +163,8 @@ def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k
     x : (n_tokens, d) all of the sample's tokens at this layer (float32 or float64)
     visual, text : boolean masks over those tokens
     k : massive-activation ratio to the median norm of all the sample's tokens
+    pools : per modality, the (kept tokens, massive tokens) accumulators of the pooled effective
+        rank, which receive this sample's tokens; throw-away ones when not given
 
     Examples
     --------
@@ -188,83 +174,97 @@ def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k
     ([4], [1], [1, 0])
     """
     d = x.shape[1]
+    if pools is None:
+        pools = [(RowAccumulator(d), RowAccumulator(d)) for _ in range(2)]
     # float64 norms: the ICC divides by them (the massive mask would not need it).
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     median = float(np.median(norms)) if norms.size else 0.0
     massive = massive_mask(norms, k)
     out = SampleGeometry(np.full((2, 2), np.nan), np.full((2, 2), np.nan), np.zeros((2, 2), np.int64),
-                         np.full((2, 2, d), np.nan, np.float32), [], [], np.flatnonzero(massive),
+                         np.full((2, 2, d), np.nan, np.float32), np.flatnonzero(massive),
                          norms[massive] / median if median > 0 else np.full(int(massive.sum()), np.inf),
                          np.where(visual[massive], 0, np.where(text[massive], 1, 2)))
     for m, mask in enumerate((visual, text)):
-        rows, heavy = x[mask], massive[mask]
-        kept = rows[~heavy]
-        out.kept_rows.append(kept)
-        out.massive_rows.append(rows[heavy])
+        rows, heavy, row_norms = _rows(x, mask), massive[mask], norms[mask]
+        kept_pool, heavy_pool = pools[m]
         if rows.shape[0] == 0:
+            continue
+        out.n_tokens[m] = rows.shape[0], rows.shape[0] - int(heavy.sum())
+        if not heavy.any():
+            # The usual case: the rows are centred once, into the pooled accumulator's buffer,
+            # and that copy serves the Gram matrix and the ICC too.
+            centred, mean = kept_pool.add(rows)
+            out.er[m] = effective_rank_from_gram(centred @ centred.T)
+            out.icc[m] = icc_shifted(centred, mean, row_norms)
+            out.pooled[m] = mean
             continue
         # float64: the Gram route squares the spectrum, and float32 round-off (eps x |x|^2) would
         # swamp the small eigenvalues whenever a large token sets the scale.
-        centred = rows.astype(np.float64)
-        mean = centred.mean(axis=0)
-        centred -= mean
+        mean = rows.mean(axis=0, dtype=np.float64)
+        centred = rows - mean
         gram = centred @ centred.T
-        row_norms = norms[mask]
         out.er[m, 0] = effective_rank_from_gram(gram)
         out.icc[m, 0] = icc_shifted(centred, mean, row_norms)  # O(N d), reusing the centred rows
         out.pooled[m, 0] = mean
-        out.n_tokens[m] = rows.shape[0], kept.shape[0]
-        if heavy.any():
-            out.er[m, 1] = effective_rank_from_gram(gram[np.ix_(~heavy, ~heavy)])
-            out.icc[m, 1] = icc_shifted(centred, mean, np.where(heavy, 0.0, row_norms))
-            if kept.shape[0]:
-                out.pooled[m, 1] = kept.mean(axis=0, dtype=np.float64)
-        else:
-            out.er[m, 1], out.icc[m, 1], out.pooled[m, 1] = out.er[m, 0], out.icc[m, 0], out.pooled[m, 0]
+        out.er[m, 1] = effective_rank_from_gram(gram[np.ix_(~heavy, ~heavy)])
+        out.icc[m, 1] = icc_shifted(centred, mean, np.where(heavy, 0.0, row_norms))
+        heavy_pool.add(rows[heavy])
+        if not heavy.all():
+            out.pooled[m, 1] = kept_pool.add(rows[~heavy])[1]
     return out
+
+
+def _rows(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``x[mask]``, as a view when the mask is one run of tokens (visual tokens usually are)."""
+    where = np.flatnonzero(mask)
+    if where.size and where[-1] - where[0] + 1 == where.size:
+        return x[where[0]:where[-1] + 1]
+    return x[where]
 
 
 @dataclass
 class GeometryPartial:
-    """What one task returns for its batch of samples and its layer group."""
+    """What one task returns for its batch of samples and its layer group (the pooled moments
+    stay in its worker's memory, see :func:`_collect`)."""
 
     samples: np.ndarray
-    layer_start: int
     er: np.ndarray          # (n_b, Lg, 2, 2)
     icc: np.ndarray         # (n_b, Lg, 2, 2)
     n_tokens: np.ndarray    # (n_b, Lg, 2, 2)
     pooled: np.ndarray      # (n_b, Lg, 2, 2, d) float32
-    moments: list[list[tuple[Moments, Moments]]]  # [Lg][modality] = (kept, massive)
     massive: np.ndarray     # (m, 5): sample, token (in view), layer position, modality, ratio
 
 
-def geometry_task(parts: list[list[np.ndarray]], batch: Batch, layer_start: int,
-                  visual: np.ndarray, text: np.ndarray, k: float) -> GeometryPartial:
-    """Run :func:`sample_layer_geometry` over a batch; ``parts[layer_chunk][token_chunk]``."""
+def geometry_task(parts: list[list[np.ndarray]], batch: Batch, batch_id: int, layer_start: int,
+                  visual: np.ndarray, text: np.ndarray, k: float, pass_key: str) -> GeometryPartial:
+    """Run :func:`sample_layer_geometry` over a batch; ``parts[layer_chunk][token_chunk]``.
+
+    The batch's tokens go into this worker's pooled accumulators for ``pass_key``, which
+    :func:`_collect` hands over at the end of the pass: a d x d matrix per layer and worker
+    instead of one per task.
+    """
     lo, hi = int(batch.bounds[:, 0].min()), int(batch.bounds[:, 1].max())
     block = np.concatenate([_token_span(row, lo, hi) for row in parts], axis=0)
     bounds, visual, text = batch.bounds - lo, visual[lo:hi], text[lo:hi]
     n_b, n_layers, d = len(batch.samples), block.shape[0], block.shape[2]
-    res = GeometryPartial(batch.samples, layer_start, np.full((n_b, n_layers, 2, 2), np.nan),
+    res = GeometryPartial(batch.samples, np.full((n_b, n_layers, 2, 2), np.nan),
                           np.full((n_b, n_layers, 2, 2), np.nan), np.zeros((n_b, n_layers, 2, 2), np.int64),
-                          np.full((n_b, n_layers, 2, 2, d), np.nan, np.float32), [], np.zeros((0, 5)))
+                          np.full((n_b, n_layers, 2, 2, d), np.nan, np.float32), np.zeros((0, 5)))
+    state = _worker_pools(pass_key)
     massive = []
     for li in range(n_layers):
-        # the pooled effective rank's moments, per modality: (kept tokens, massive tokens)
-        acc = [(RowAccumulator(d), RowAccumulator(d)) for _ in range(2)]
+        pools = state.pools.setdefault(layer_start + li, [(RowAccumulator(d), RowAccumulator(d))
+                                                          for _ in range(2)])
         for si, (a, b) in enumerate(bounds):
-            g = sample_layer_geometry(block[li, a:b], visual[a:b], text[a:b], k)
+            g = sample_layer_geometry(block[li, a:b], visual[a:b], text[a:b], k, pools)
             res.er[si, li], res.icc[si, li], res.n_tokens[si, li], res.pooled[si, li] = \
                 g.er, g.icc, g.n_tokens, g.pooled
-            for m in range(2):
-                acc[m][0].add(g.kept_rows[m])
-                acc[m][1].add(g.massive_rows[m])
             if g.massive.size:
                 massive.append(np.column_stack([np.full(g.massive.size, batch.samples[si]),
                                                 batch.offset + lo + a + g.massive,
                                                 np.full(g.massive.size, layer_start + li),
                                                 g.modality, g.ratio]))
-        res.moments.append([(kept.moments(), heavy.moments()) for kept, heavy in acc])
+    state.batches.append(batch_id)
     if massive:
         res.massive = np.concatenate(massive)
     return res
@@ -279,6 +279,89 @@ def _token_span(row: list[np.ndarray], lo: int, hi: int) -> np.ndarray:
             pieces.append(chunk[:, max(lo - start, 0):min(hi, stop) - start])
         start = stop
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
+
+
+# ------------------------------------------------------------------------------ pooled moments on the workers
+
+@dataclass
+class _WorkerPools:
+    """One worker thread's pooled accumulators for one pass, and the batches they hold."""
+
+    pools: dict[int, list[tuple[RowAccumulator, RowAccumulator]]] = field(default_factory=dict)
+    batches: list[int] = field(default_factory=list)
+
+
+# (pass key, worker address, thread): a worker with several threads keeps one set per thread.
+_POOLS: dict[tuple[str, str, int], _WorkerPools] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _worker_address() -> str:
+    from distributed import get_worker
+
+    try:
+        return get_worker().address
+    except ValueError:  # a plain call outside any worker
+        return ""
+
+
+def _worker_pools(pass_key: str) -> _WorkerPools:
+    with _POOLS_LOCK:
+        return _POOLS.setdefault((pass_key, _worker_address(), threading.get_ident()), _WorkerPools())
+
+
+@dataclass
+class _Collected:
+    """A worker's pooled moments for a pass: {layer position: [(kept, massive) per modality]}."""
+
+    moments: dict[int, list[tuple[Moments, Moments]]]
+    batches: list[int]
+
+
+def _collect(pass_key: str) -> _Collected:
+    """Take this worker's accumulators of ``pass_key`` (all its threads') as moments."""
+    address = _worker_address()
+    with _POOLS_LOCK:
+        mine = [_POOLS.pop(key) for key in list(_POOLS) if key[:2] == (pass_key, address)]
+    out = _Collected({}, [])
+    for state in mine:
+        out.batches += state.batches
+        for layer, pools in state.pools.items():
+            got = [(kept.moments(), heavy.moments()) for kept, heavy in pools]
+            if layer not in out.moments:
+                out.moments[layer] = got
+                continue
+            for (kept, heavy), (more_kept, more_heavy) in zip(out.moments[layer], got):
+                kept.merge(more_kept)
+                heavy.merge(more_heavy)
+    return out
+
+
+def _pick(collected: _Collected, layer: int, modality: int, dim: int) -> tuple[Moments, Moments, list[int]]:
+    kept, heavy = collected.moments.get(layer, [(Moments.empty(dim), Moments.empty(dim))] * 2)[modality]
+    return kept, heavy, collected.batches
+
+
+def _drop_pools(prefix: str) -> None:
+    """Forget every accumulator of the passes named ``prefix...`` (after a failure)."""
+    with _POOLS_LOCK:
+        for key in [key for key in _POOLS if key[0].startswith(prefix)]:
+            del _POOLS[key]
+
+
+def _pooled_effective_rank(*picks: tuple[Moments, Moments, list[int]]) -> tuple[list[float], list[int], list[int]]:
+    """([all tokens, no massive] pooled effective rank, [their token counts], the batches merged)
+    of one layer and modality, from every worker's moments."""
+    kept, heavy, batches = Moments.empty(0), Moments.empty(0), []
+    for more_kept, more_heavy, more_batches in picks:
+        kept.merge(more_kept)
+        heavy.merge(more_heavy)
+        batches += more_batches
+    no_massive, n_kept = kept.effective_rank(), kept.count
+    if heavy.count == 0:
+        return [no_massive, no_massive], [n_kept, n_kept], batches
+    kept.merge(heavy)
+    return [kept.effective_rank(), no_massive], [kept.count, n_kept], batches
 
 
 # ------------------------------------------------------------------------------ the pass
@@ -324,8 +407,7 @@ def _hidden_array(hidden: Any):
 
 def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_text: np.ndarray,
              ok: np.ndarray, *, client: Any, scratch: str | Path, massive_k: float = 100.0,
-             memory_budget: int = 256 << 20, task_bytes: int = 128 << 20,
-             progress: bool = True) -> GeometryResult:
+             memory_budget: int = 256 << 20, progress: bool = True) -> GeometryResult:
     """All geometry metrics of a run in one read of its activations.
 
     Parameters
@@ -336,9 +418,8 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     client : a ``distributed.Client`` (see :func:`open_client`)
     scratch : directory for the memory-mapped pooled states (removed afterwards)
     massive_k : a token is massive when its norm exceeds ``massive_k`` x the sample-layer median
-    memory_budget : bytes for accumulators and in-flight chunks; sets how many layers a pass holds
-    task_bytes : float32 bytes of tokens per layer a task takes (whole chunks' samples, at least
-        one chunk); larger tasks ship fewer d x d moments per sample
+    memory_budget : bytes per worker for its pooled accumulators and in-flight chunks; sets how
+        many layers a pass holds
 
     Examples
     --------
@@ -354,22 +435,13 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     >>> geo.er_sample.shape                                                    # doctest: +SKIP
     (2, 2, 2, 2)
     """
-    from dask import delayed
-    from distributed import as_completed
-
     data = _hidden_array(hidden)
     n_layers, _, d = data.shape
     n = len(ok)
     layer_values = np.asarray(getattr(hidden, "layer", np.arange(n_layers)))
-    workers = max(1, len(client.nthreads()))
-    # At least two tasks per worker and layer group where the run allows: a small run keeps
-    # every worker busy, a large one ships fewer d x d moments per sample.
-    task_tokens = max(max(data.chunks[1], default=1),
-                      min(task_bytes // (4 * d), -(-data.shape[1] // (2 * workers))))
-    batches = join_batches(plan_batches(token_sample, ok, data.chunks[1]), task_tokens)
+    batches = plan_batches(token_sample, ok, data.chunks[1])
     layer_edges = np.concatenate([[0], np.cumsum(data.chunks[0])])
-    groups = plan_layer_groups(data.chunks[0], d, task_tokens, workers, memory_budget)
-    chunk_grid = data.to_delayed(optimize_graph=True)[:, :, 0]
+    groups = plan_layer_groups(data.chunks[0], d, max(data.chunks[1], default=1), memory_budget)
     visual, text = np.asarray(is_visual, bool), np.asarray(is_text, bool)
 
     scratch = Path(scratch)
@@ -378,70 +450,93 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     pooled = np.lib.format.open_memmap(scratch / "pooled.npy", mode="w+", dtype=np.float32,
                                        shape=(n_layers, 2, 2, n, d))
     shape = (n, n_layers, 2, 2)
-    er, icc_, ntok = np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, np.int64)
-    er_pooled, n_pooled = np.full((n_layers, 2, 2), np.nan), np.zeros((n_layers, 2, 2), np.int64)
-    massive: list[np.ndarray] = []
+    out = GeometryResult(layer_values, np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, np.int64),
+                         np.full((n_layers, 2, 2), np.nan), np.zeros((n_layers, 2, 2), np.int64),
+                         np.full((n_layers, 2), np.nan), np.full((2, 2, n_layers, n_layers), np.nan),
+                         np.zeros((0, 5)), seconds={"pass": 0.0, "pooled_eig": 0.0, "cka": 0.0})
     bar = _progress(len(batches) * len(groups), progress)
-    seconds = {"pass": 0.0, "pooled_eig": 0.0, "cka": 0.0}
+    prefix = f"geometry-{uuid.uuid4().hex}"
+    massive: list[np.ndarray] = []
     try:
         for ga, gb in groups:
-            la, lb = int(layer_edges[ga]), int(layer_edges[gb])
-            tasks = []
-            for batch in batches:
-                parts = [list(chunk_grid[i, batch.chunk_lo:batch.chunk_hi + 1]) for i in range(ga, gb)]
-                span = slice(batch.offset, batch.offset + int(batch.bounds[:, 1].max()))
-                tasks.append(delayed(geometry_task)(parts, batch, la, visual[span], text[span],
-                                                    massive_k))
-            acc = [[(Moments.empty(d), Moments.empty(d)) for _ in range(2)] for _ in range(la, lb)]
-            started = time.perf_counter()
-            futures = client.compute(tasks)
-            for future in as_completed(futures):
-                part: GeometryPartial = future.result()
-                future.release()
-                rows, lsl = part.samples, slice(la, lb)
-                er[rows, lsl], icc_[rows, lsl], ntok[rows, lsl] = part.er, part.icc, part.n_tokens
-                pooled[lsl, :, :, rows] = np.moveaxis(part.pooled, 0, 3)
-                for li, per_mod in enumerate(part.moments):
-                    for m, (kept, heavy) in enumerate(per_mod):
-                        acc[li][m][0].merge(kept)
-                        acc[li][m][1].merge(heavy)
-                if part.massive.size:
-                    massive.append(part.massive)
-                bar.update(1)
-            seconds["pass"] += time.perf_counter() - started
-            started = time.perf_counter()
-            # The d x d eigendecompositions run on the workers: in parallel, with one BLAS thread
-            # each (a multi-threaded LAPACK on a busy machine spends its time spinning).
-            scattered = {(li, m): client.scatter(list(acc[li][m]), hash=False)
-                         for li in range(lb - la) for m in range(2)}
-            del acc
-            spectra = {key: client.submit(_pooled_effective_rank, *parts, pure=False)
-                       for key, parts in scattered.items()}
-            for (li, m), future in spectra.items():
-                er_pooled[la + li, m], n_pooled[la + li, m] = future.result()
-                future.release()
-                for part in scattered[li, m]:
-                    part.release()
-            seconds["pooled_eig"] += time.perf_counter() - started
+            group = _GroupPass(client, data, batches, visual, text, massive_k, pooled, out,
+                               int(layer_edges[ga]), int(layer_edges[gb]), ga, gb, bar)
+            for attempt in range(2):
+                if group.run(f"{prefix}-{ga}-{attempt}"):
+                    massive += group.massive
+                    break
+                log.warning("layers %s-%s: a worker was lost with its pooled moments; running these layers "
+                            "again", layer_values[group.la], layer_values[group.lb - 1])
+            else:
+                raise GapError(f"layers {layer_values[group.la]}-{layer_values[group.lb - 1]}: workers kept "
+                               "failing during the geometry pass; see the Dask worker logs")
         pooled.flush()
         started = time.perf_counter()
-        cka_mod, cka_lay, n_cka = _cka(pooled, ntok)
-        seconds["cka"] = time.perf_counter() - started
+        out.cka_modality, out.cka_layers, out.n_cka = _cka(pooled, out.n_tokens)
+        out.seconds["cka"] = time.perf_counter() - started
     finally:
         bar.close()
         del pooled
         shutil.rmtree(scratch, ignore_errors=True)
-    return GeometryResult(layer_values, er, icc_, ntok, er_pooled, n_pooled, cka_mod, cka_lay,
-                          np.concatenate(massive) if massive else np.zeros((0, 5)), n_cka, seconds)
+        client.run(_drop_pools, prefix)
+    if massive:
+        out.massive = np.concatenate(massive)
+    return out
 
 
-def _pooled_effective_rank(kept: Moments, heavy: Moments) -> tuple[list[float], list[int]]:
-    """([all tokens, no massive] pooled effective rank, [their token counts]) of one layer/modality."""
-    no_massive, n_kept = kept.effective_rank(), kept.count
-    if heavy.count == 0:
-        return [no_massive, no_massive], [n_kept, n_kept]
-    kept.merge(heavy)
-    return [kept.effective_rank(), no_massive], [kept.count, n_kept]
+class _GroupPass:
+    """One pass over the tokens for the layers ``[la, lb)``: tasks, then the pooled ranks."""
+
+    def __init__(self, client: Any, data: Any, batches: list[Batch], visual: np.ndarray, text: np.ndarray,
+                 massive_k: float, pooled: np.ndarray, out: GeometryResult, la: int, lb: int,
+                 ga: int, gb: int, bar: Any) -> None:
+        self.client, self.batches, self.visual, self.text, self.k = client, batches, visual, text, massive_k
+        self.pooled, self.out, self.la, self.lb, self.bar = pooled, out, la, lb, bar
+        self.chunks = data.to_delayed(optimize_graph=True)[ga:gb, :, 0]
+        self.dim = data.shape[2]
+        self.massive: list[np.ndarray] = []
+
+    def run(self, key: str) -> bool:
+        """True when every batch's tokens reached the pooled ranks exactly once."""
+        from dask import delayed
+        from distributed import as_completed
+
+        client, out, lsl = self.client, self.out, slice(self.la, self.lb)
+        tasks = []
+        for i, batch in enumerate(self.batches):
+            parts = [list(row[batch.chunk_lo:batch.chunk_hi + 1]) for row in self.chunks]
+            span = slice(batch.offset, batch.offset + int(batch.bounds[:, 1].max()))
+            tasks.append(delayed(geometry_task)(parts, batch, i, self.la, self.visual[span], self.text[span],
+                                                self.k, key))
+        self.massive = []
+        started = time.perf_counter()
+        for future in as_completed(client.compute(tasks)):
+            part: GeometryPartial = future.result()
+            future.release()
+            rows = part.samples
+            out.er_sample[rows, lsl], out.icc[rows, lsl], out.n_tokens[rows, lsl] = part.er, part.icc, part.n_tokens
+            self.pooled[lsl, :, :, rows] = np.moveaxis(part.pooled, 0, 3)
+            if part.massive.size:
+                self.massive.append(part.massive)
+            self.bar.update(1)
+        out.seconds["pass"] += time.perf_counter() - started
+        started = time.perf_counter()
+        # Each worker's moments stay where they are; the d x d eigendecompositions run on the
+        # workers too: in parallel, one BLAS thread each (a multi-threaded LAPACK on a busy
+        # machine spends its time spinning).  A pinned task may run elsewhere once its worker is
+        # gone: it then finds nothing, which the batch count below catches.
+        collected = [client.submit(_collect, key, workers=[w], allow_other_workers=True, pure=False)
+                     for w in client.nthreads()]
+        ranks = {(li, m): client.submit(_pooled_effective_rank,
+                                        *[client.submit(_pick, c, li, m, self.dim, pure=False) for c in collected],
+                                        pure=False)
+                 for li in range(self.la, self.lb) for m in range(2)}
+        complete = True
+        for (li, m), future in ranks.items():
+            out.er_pooled[li, m], out.n_pooled[li, m], merged = future.result()
+            complete &= sorted(merged) == list(range(len(self.batches)))
+        out.seconds["pooled_eig"] += time.perf_counter() - started
+        return complete
 
 
 def _cka(pooled: np.ndarray, ntok: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:

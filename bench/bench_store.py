@@ -8,7 +8,6 @@ with ``np.load``.  Both land in the page cache; neither is fsynced.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time

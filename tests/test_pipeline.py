@@ -174,5 +174,48 @@ def test_plans():
     batches = plan_batches(np.array([0, 0, 1, 2, 2, 2, 2, 2, 3]), np.array([1, 0, 1, 1], bool), [4, 2, 3])
     assert [(b.chunk_lo, b.chunk_hi, b.samples.tolist()) for b in batches] == [(0, 2, [0, 2]), (2, 2, [3])]
     assert batches[1].bounds.tolist() == [[2, 3]]
-    assert plan_layer_groups([1] * 5, 8, 10, 1, 1) == [(i, i + 1) for i in range(5)]
-    assert plan_layer_groups([2, 2], 8, 10, 1, 1 << 30) == [(0, 2)]
+    assert plan_layer_groups([1] * 5, 8, 10, 1) == [(i, i + 1) for i in range(5)]
+    assert plan_layer_groups([2, 2], 8, 10, 1 << 30) == [(0, 2)]
+
+
+def test_lost_pooled_moments_rerun_the_layer_group(run, client, geo, tmp_path, monkeypatch, caplog):
+    # A worker that dies takes its pooled accumulators along.  Here the first collection of each
+    # layer group misses a worker that holds some (the cluster is in this process, so its
+    # accumulators can be looked at); the batch count catches it and the group runs again.
+    import analyze.pipeline as pipeline
+
+    path, _ = run
+    workers, dropped = client.nthreads, []
+
+    def missing_one():
+        live = dict(workers())
+        holding = {(key, address) for (key, address, _) in pipeline._POOLS
+                   if key.endswith("-0") and key not in {k for k, _ in dropped}}
+        if holding:  # a first attempt: one worker holding its moments is gone
+            dropped.append(holding.pop())
+            del live[dropped[-1][1]]
+        return live
+
+    monkeypatch.setattr(client, "nthreads", missing_one)
+    ds = open_run(path, chunks=32)
+    ok = ds.status.values.astype(str) == "ok"
+    again = geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                     client=client, scratch=tmp_path / "s", memory_budget=1, progress=False)
+    assert len(dropped) == 4 and "running these layers again" in caplog.text
+    np.testing.assert_allclose(again.er_pooled, geo.er_pooled, rtol=1e-9)
+    np.testing.assert_array_equal(again.n_pooled, geo.n_pooled)
+    assert len(again.massive) == len(geo.massive)
+    assert not pipeline._POOLS  # the accumulators nobody collected are gone too
+
+
+def test_workers_that_keep_losing_moments_stop_the_pass(run, client, tmp_path, monkeypatch):
+    import analyze.pipeline as pipeline
+
+    path, _ = run
+    monkeypatch.setattr(client, "nthreads", dict)  # no worker to collect from, every time
+    ds = open_run(path, chunks=32)
+    ok = ds.status.values.astype(str) == "ok"
+    with pytest.raises(Exception, match="workers kept failing"):
+        geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                 client=client, scratch=tmp_path / "s", memory_budget=1, progress=False)
+    assert not pipeline._POOLS
