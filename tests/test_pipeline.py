@@ -219,3 +219,17 @@ def test_workers_that_keep_losing_moments_stop_the_pass(run, client, tmp_path, m
         geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
                  client=client, scratch=tmp_path / "s", memory_budget=1, progress=False)
     assert not pipeline._POOLS
+
+
+def test_worker_processes_give_the_same_results(run, geo, tmp_path):
+    # Separate worker processes: each keeps its own pooled accumulators, which must be collected
+    # from the process that holds them (in-process workers share one memory).
+    path, _ = run
+    ds = open_run(path, chunks=32)
+    ok = ds.status.values.astype(str) == "ok"
+    with open_client("local", workers=2) as processes:
+        again = geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                         client=processes, scratch=tmp_path / "s", memory_budget=1, progress=False)
+    for name in ("er_sample", "icc", "er_pooled", "cka_modality", "cka_layers"):
+        np.testing.assert_allclose(getattr(again, name), getattr(geo, name), rtol=1e-9, err_msg=name)
+    np.testing.assert_array_equal(again.n_pooled, geo.n_pooled)
