@@ -81,25 +81,28 @@ def _device_line(loaded: Any, device_map: Any) -> str:
 
 
 def _estimate(loaded: Any, spec: Any, dataset: Any, todo: list[int]) -> str:
-    """One line: bytes per sample from the first few samples' token counts."""
+    """One line: bytes per sample from the first few samples' stored token counts."""
     from capture.prompts import encode_sample
-    from capture.runner import bytes_per_token
+    from capture.runner import bytes_per_token, stored_tokens
 
     per_token = bytes_per_token(spec)
+    selection = spec.config.capture.tokens
     lengths = []
     for item in dataset.iter_indices(todo[:4]):
         if isinstance(item, dict):
             try:
-                lengths.append(encode_sample(loaded.processor, loaded.image_token_id, item).n_tokens)
+                sample = encode_sample(loaded.processor, loaded.image_token_id, item)
+                lengths.append(len(stored_tokens(sample, selection)))
             except Exception as exc:  # noqa: BLE001 - the run records it; the estimate skips it
                 log.debug("estimate skips %s: %s", item.get("sample_id"), exc)
     if not lengths:
         return "bytes per sample: unknown (no readable sample among the first ones)"
     tokens = sum(lengths) / len(lengths)
     per_sample = tokens * per_token
-    return (f"activations: {len(spec.layers)} layers x ~{tokens:.0f} tokens x {spec.hidden_size} x "
+    which = "" if selection == "all" else f" ({'+'.join(selection)})"
+    return (f"activations: {len(spec.layers)} layers x ~{tokens:.0f} tokens{which} x {spec.hidden_size} x "
             f"{spec.hidden_encoding} = {_size(per_sample)} per sample, ~{_size(per_sample * len(todo))} "
-            f"for {len(todo)} samples (choose capture.layers to write less)")
+            f"for {len(todo)} samples (choose capture.layers and capture.tokens to write less)")
 
 
 def _size(n_bytes: float) -> str:

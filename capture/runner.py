@@ -3,9 +3,9 @@
 Per batch of similar-length samples:
 
 1. one ``nnsight`` trace of the plain forward; inside it, each decoder block's output is gathered
-   (only the batch's real tokens, no padding) straight into one packed device buffer
-   ``(n_captured_layers, n_tokens_in_batch, hidden)``, and a per-layer non-finite flag is kept
-   for every token;
+   (only the batch's stored tokens: ``capture.tokens`` of the real tokens, no padding) straight
+   into one packed device buffer ``(n_captured_layers, n_stored_tokens_in_batch, hidden)``, and a
+   per-layer non-finite flag is kept for every real token;
 2. on CUDA the buffer is copied to pinned host memory on a side stream, so the copy overlaps
    the next batch's forward (and this batch's interventions); on CPU it already is host memory;
 3. the interventions (``capture.causal.run_causal``, ``capture.truncation.run_truncation``) run
@@ -105,6 +105,30 @@ def make_spec(cfg: Config, loaded: LoadedModel, n_total: int) -> RunSpec:
                    n_total=n_total)
 
 
+def stored_tokens(sample: PromptSample, tokens: str | list[str]) -> np.ndarray:
+    """Indices of the sample's tokens whose activations are stored (``capture.tokens``), ascending.
+
+    ``other`` is every token that is neither visual, question text nor answer (chat template,
+    system prompt, BOS).
+
+    >>> from types import SimpleNamespace as S
+    >>> s = S(n_tokens=6, is_visual=np.array([0, 1, 1, 0, 0, 0], bool),
+    ...       is_text=np.array([0, 0, 0, 1, 0, 0], bool), is_answer=np.array([0, 0, 0, 0, 0, 1], bool))
+    >>> stored_tokens(s, ["visual", "answer"]).tolist(), stored_tokens(s, ["other"]).tolist()
+    ([1, 2, 5], [0, 4])
+    >>> stored_tokens(s, "all").tolist()
+    [0, 1, 2, 3, 4, 5]
+    """
+    if tokens == "all":
+        return np.arange(sample.n_tokens)
+    sets = {"visual": sample.is_visual, "text": sample.is_text, "answer": sample.is_answer}
+    sets["other"] = ~(sample.is_visual | sample.is_text | sample.is_answer)
+    keep = np.zeros(sample.n_tokens, bool)
+    for name in tokens:
+        keep |= sets[name]
+    return np.flatnonzero(keep)
+
+
 def bytes_per_token(spec: RunSpec) -> int:
     """Bytes of ``hidden`` one token adds to the store (all captured layers)."""
     return len(spec.layers) * spec.hidden_size * ITEMSIZE[spec.hidden_encoding]
@@ -117,12 +141,13 @@ class CleanPass:
     Attributes
     ----------
     hidden
-        ``(n_captured, n_tokens_in_batch, hidden)``: the captured layers' block outputs of the
-        batch's real tokens, packed sample after sample (None when activations are off).
+        ``(n_captured, n_stored_tokens_in_batch, hidden)``: the captured layers' block outputs of
+        the batch's stored tokens (``capture.tokens``; all real tokens by default), packed sample
+        after sample (None when activations are off).
     layers
         The captured layer ids (``hidden``'s first axis).
     starts
-        ``starts[i]``: where sample ``i``'s tokens begin along ``hidden``'s token axis.
+        ``starts[i]``: where sample ``i``'s stored tokens begin along ``hidden``'s token axis.
     logits
         ``(B, T, V)`` output logits of the padded batch.
     """
@@ -133,7 +158,7 @@ class CleanPass:
     logits: torch.Tensor
 
     def sample_hidden(self, i: int, n_tokens: int) -> torch.Tensor:
-        """Sample ``i``'s states, ``(n_captured, n_tokens, hidden)`` (a view)."""
+        """Sample ``i``'s states, ``(n_captured, n_tokens, hidden)`` (a view; ``n_tokens`` stored)."""
         if self.hidden is None:
             raise ValueError("activations were not captured in this run")
         return self.hidden[:, self.starts[i]:self.starts[i] + n_tokens]
@@ -167,12 +192,14 @@ class CaptureStats:
 class _InFlight:
     """A batch whose forward is done and whose host copy may still be running.
 
-    ``host`` holds ``hidden`` (packed states), ``bad`` (per-layer non-finite flags of every
-    token), ``logp`` (clean answer log-prob per row) and ``overflow`` (float16 clip counts).
+    ``host`` holds ``hidden`` (packed stored states), ``bad`` (per-layer non-finite flags of every
+    real token), ``logp`` (clean answer log-prob per row) and ``overflow`` (float16 clip counts).
     """
 
     samples: list[PromptSample]
-    starts: list[int]
+    starts: list[int]  # sample i's first token along ``bad``'s token axis (every real token)
+    kept: list[np.ndarray]  # sample i's stored tokens (indices into its own tokens)
+    kept_starts: list[int]  # where they begin along ``hidden``'s token axis
     host: dict[str, Any]
     values: list[dict[str, Any]]
     event: Any  # torch.cuda.Event, or None on CPU
@@ -331,12 +358,17 @@ class CaptureRunner:
         batch = collate(samples, loaded.pad_token_id, self.padding_side).to(self.device)
         width = batch.seq_len
         starts = list(np.cumsum([0] + batch.lengths[:-1]))
-        # Flat (row * T + column) indices of the real tokens, packed sample after sample.
+        kept = [stored_tokens(s, self.cfg.capture.tokens) for s in samples]
+        kept_starts = list(np.cumsum([0] + [len(k) for k in kept[:-1]]))
+        # Flat (row * T + column) indices of the real tokens and of the stored ones, packed sample
+        # after sample; with the default capture.tokens="all" they are the same.
         index = torch.cat([torch.arange(batch.offsets[i], batch.offsets[i] + n) + i * width
                            for i, n in enumerate(batch.lengths)]).to(self.device)
-        n_real, hidden = int(index.numel()), loaded.hidden_size
+        keep = index if self.cfg.capture.tokens == "all" else torch.from_numpy(np.concatenate(
+            [k + batch.offsets[i] + i * width for i, k in enumerate(kept)])).to(self.device)
+        n_real, n_kept, hidden = int(index.numel()), int(keep.numel()), loaded.hidden_size
         dtype = loaded.model.get_input_embeddings().weight.dtype
-        packed = (torch.empty((len(spec.layers), n_real, hidden), dtype=dtype, device=self.device)
+        packed = (torch.empty((len(spec.layers), n_kept, hidden), dtype=dtype, device=self.device)
                   if spec.layers else None)
         bad = torch.empty((loaded.n_layers, n_real), dtype=torch.bool, device=self.device)
         slot = self.layer_slot
@@ -347,27 +379,27 @@ class CaptureRunner:
                     out = block.output
                     flat = out.reshape(-1, hidden)
                     if layer in slot and flat.device == packed.device:
-                        rows = packed[slot[layer]]  # gather straight into the packed buffer
-                        torch.index_select(flat, 0, index, out=rows)
-                    else:  # not captured, or on another GPU under device_map="auto"
-                        rows = flat.index_select(0, index.to(flat.device))
-                        if layer in slot:
-                            packed[slot[layer]] = rows.to(self.device)
-                    # a row sum is NaN/inf iff the row holds one (or overflows, ~1e38): a cheap
-                    # reduction instead of a full-size isfinite mask
-                    bad[layer] = ~torch.isfinite(rows.sum(dim=-1)).to(self.device)
+                        torch.index_select(flat, 0, keep, out=packed[slot[layer]])  # straight into the buffer
+                    elif layer in slot:  # on another GPU under device_map="auto"
+                        packed[slot[layer]] = flat.index_select(0, keep.to(flat.device)).to(self.device)
+                    # every real token is checked, stored or not (a NaN spreads through attention).
+                    # A row sum is NaN/inf iff the row holds one (or overflows, ~1e38): a cheap
+                    # reduction instead of a full-size isfinite mask, read once, padding included
+                    sums = flat.sum(dim=-1).index_select(0, index.to(flat.device))
+                    bad[layer] = ~torch.isfinite(sums).to(self.device)
                 logits = self.envoy.output.logits.save()
-            clean = CleanPass(hidden=packed, layers=list(spec.layers), starts=starts, logits=logits)
+            clean = CleanPass(hidden=packed, layers=list(spec.layers), starts=kept_starts, logits=logits)
             small: dict[str, Any] = {"bad": bad, "logp": self._logp_clean(batch, logits)}
             if packed is not None and spec.hidden_encoding == "float16" and dtype != torch.float16:
-                packed, small["overflow"] = self._to_float16(packed, starts, batch.lengths)
+                packed, small["overflow"] = self._to_float16(packed, kept_starts, [len(k) for k in kept])
             host, event = self._to_host({"hidden": packed, **small})
             values, errors = self._interventions(batch, clean)
         self._batches_since_gc += 1
         if self.cuda and self._batches_since_gc >= 50:
             gc.collect()  # repeated traces keep graph objects alive (TOOLING.md)
             self._batches_since_gc = 0
-        return _InFlight(samples=samples, starts=starts, host=host, values=values, event=event, errors=errors)
+        return _InFlight(samples=samples, starts=starts, kept=kept, kept_starts=kept_starts, host=host,
+                         values=values, event=event, errors=errors)
 
     def _logp_clean(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
         import torch
@@ -496,19 +528,22 @@ class CaptureRunner:
                 record = self._failed(s, STATUS_ERROR, flight.errors[i])
             else:
                 note = values.pop("error", "")
-                record = self._record(s, values)
+                keep = flight.kept[i]
+                record = self._record(s, values, keep)
                 if note:  # some variants failed: keep their NaNs and the rest, flag the sample
                     record.status, record.error = STATUS_ERROR, note
                 elif spec.layers:
-                    record.hidden = _to_numpy(host["hidden"][:, a:a + n], spec.hidden_encoding)
+                    k = flight.kept_starts[i]
+                    record.hidden = _to_numpy(host["hidden"][:, k:k + len(keep)], spec.hidden_encoding)
             self._put(record)
 
     # -- records --------------------------------------------------------------------------------
-    def _record(self, s: PromptSample, values: dict[str, Any]) -> SampleRecord:
+    def _record(self, s: PromptSample, values: dict[str, Any], keep: np.ndarray) -> SampleRecord:
+        """The sample's record with only its stored tokens (``keep``); positions stay the true ones."""
+        token = {name: getattr(s, name)[keep]
+                 for name in ("input_ids", "position", "is_visual", "is_text", "is_answer")}
         return SampleRecord(index=int(s.meta["index"]), sample_id=str(s.meta["sample_id"]),
-                            status=STATUS_OK, input_ids=s.input_ids, position=s.position,
-                            is_visual=s.is_visual, is_text=s.is_text, is_answer=s.is_answer,
-                            values=values, **_meta_fields(s.meta))
+                            status=STATUS_OK, values=values, **token, **_meta_fields(s.meta))
 
     def _failed(self, s: PromptSample, status: str, error: str) -> SampleRecord:
         return failed_record(int(s.meta["index"]), str(s.meta["sample_id"]), error, status=status,

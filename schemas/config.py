@@ -13,10 +13,10 @@ Examples
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from schemas.errors import GapError
 
@@ -24,6 +24,8 @@ Layers = Union[Literal["all"], list[int]]
 CausalMethod = Literal["zero", "gaussian", "mean", "swap"]
 Channel = Literal["visual", "text"]
 TruncationMode = Literal["zero", "knockout", "drop"]
+TokenSet = Literal["visual", "text", "answer", "other"]
+TOKEN_SETS: tuple[str, ...] = get_args(TokenSet)  # also the canonical order of a selection
 DatasetName = Literal["chartqa", "docvqa", "textvqa", "vqav2", "scienceqa", "synthetic"]
 
 
@@ -74,11 +76,37 @@ class TruncationConfig(Strict):
 
 class CaptureConfig(Strict):
     layers: Layers = "all"
+    # Which tokens' activations are stored: "all", or a list of sets: "visual" (image tokens),
+    # "text" (the question's tokens, is_text), "answer" (teacher-forced answer, is_answer),
+    # "other" (everything else: chat template, system prompt, BOS). Padding is never stored.
+    tokens: Union[Literal["all"], list[TokenSet]] = "all"
     activations: bool = True
     store_dtype: Literal["auto", "float16"] = "auto"  # auto = lossless model dtype; float16 is lossy
     batch_size: int = Field(default=1, ge=1)
     causal: CausalConfig = Field(default_factory=CausalConfig)
     truncation: TruncationConfig = Field(default_factory=TruncationConfig)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _token_sets(cls, value: Any) -> Any:
+        """One canonical form per selection, so a resumed run compares selections, not spellings.
+
+        >>> CaptureConfig(tokens=["text", "visual", "text"]).tokens
+        ['visual', 'text']
+        >>> CaptureConfig(tokens=["other", "answer", "text", "visual"]).tokens
+        'all'
+        """
+        if value == "all":
+            return value
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not names:
+            raise ValueError("expected 'all' or a non-empty list of " + ", ".join(TOKEN_SETS))
+        unknown = [n for n in names if n not in TOKEN_SETS]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a token set; expected 'all' or a list of "
+                             + ", ".join(TOKEN_SETS))
+        chosen = [n for n in TOKEN_SETS if n in names]
+        return "all" if len(chosen) == len(TOKEN_SETS) else chosen
 
 
 class SlurmAnalysisConfig(Strict):

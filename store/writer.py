@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.config import Config, config_to_yaml, first_difference, invariant_view
+from schemas.config import Config, config_from_dict, config_to_yaml, first_difference, invariant_view
 from schemas.errors import GapError
 from schemas.run import SCHEMA_VERSION, STATUS_OK, SampleRecord
 from store import layout
@@ -121,6 +121,16 @@ def _comparable(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if k not in ("config_yaml", "provenance", "n_shards")}
 
 
+def _with_current_defaults(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Stored attrs with their config read through today's schema, so a config key added since
+    the run began (and left at its default) is no difference; a config that no longer reads is
+    compared as stored."""
+    try:
+        return {**attrs, "config": invariant_view(config_from_dict(attrs["config"], "stored config"))}
+    except (GapError, KeyError, TypeError):
+        return attrs
+
+
 def ensure_run(run: Path, spec: RunSpec, n_shards: int) -> dict[str, Any]:
     """Create the run's root group, or check that an existing run measures the same thing."""
     run = Path(run)
@@ -142,7 +152,8 @@ def ensure_run(run: Path, spec: RunSpec, n_shards: int) -> dict[str, Any]:
     stored = layout.read_json(run / "zarr.json").get("attributes", {}).get("gap")
     if stored is None:
         raise GapError(f"{run} is a Zarr group but not a gap run (no 'gap' attrs)")
-    diff = first_difference(_comparable(stored), _comparable(layout.json_roundtrip(spec.attrs())))
+    diff = first_difference(_comparable(_with_current_defaults(stored)),
+                            _comparable(layout.json_roundtrip(spec.attrs())))
     if diff:
         raise GapError(f"{run} was made with a different model or config: '{diff}' differs; "
                        "use another --out or the same config")

@@ -306,3 +306,89 @@ def test_layer_subset_and_float16_storage(tiny_checkpoint, tmp_path):
     np.testing.assert_allclose(last.detach().numpy(), ref[3][0].numpy(), atol=2e-2, rtol=2e-3)
     # the residual keeps the 1e6 values in both stored layers
     assert ds["fp16_overflow"].values.tolist() == [6]
+
+
+def _question_mask(ids: np.ndarray, question_ids: list[int]) -> np.ndarray:
+    """The one run of ``question_ids`` inside ``ids`` (the question as the tokenizer encodes it)."""
+    m = len(question_ids)
+    hits = [p for p in range(len(ids) - m + 1) if ids[p:p + m].tolist() == question_ids]
+    assert len(hits) == 1, hits
+    mask = np.zeros(len(ids), bool)
+    mask[hits[0]:hits[0] + m] = True
+    return mask
+
+
+@pytest.mark.parametrize("family,padding_side", [("llava", "right"), ("qwen2_vl", "left")])
+def test_token_subset_stores_exactly_the_selected_tokens(tiny_checkpoint, family, padding_side, tmp_path):
+    from store.inspect import verify_run
+
+    path = tiny_checkpoint(family, n_layers=3)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(3)
+    cfg = _cfg(path, batch_size=3, tokens=["text", "visual"])
+    stats, ds = _capture(loaded, cfg, samples, tmp_path / "run", padding_side=padding_side)
+    assert (stats.n_ok, stats.n_failed) == (3, 0) and verify_run(tmp_path / "run") == []
+    hidden, token_sample = ds["hidden"].values, ds["token_sample"].values
+    tok = loaded.processor.tokenizer
+    for sample in samples:
+        row = int(np.flatnonzero(ds["sample_index"].values == sample["index"])[0])
+        sel = token_sample == row
+        enc, ref, n_answer = _reference(loaded, sample)
+        ids = enc["input_ids"][0].numpy()
+        visual = ids == loaded.image_token_id
+        question = _question_mask(ids[:len(ids) - n_answer],
+                                  tok(sample["question"], add_special_tokens=False)["input_ids"])
+        question = np.concatenate([question, np.zeros(n_answer, bool)])
+        kept = np.flatnonzero(visual | question)
+        assert 0 < question.sum() and 0 < visual.sum() and len(kept) < len(ids)  # a real subset
+        assert ds["n_tokens"].values[row] == len(kept) == sel.sum()
+        np.testing.assert_array_equal(ds["position"].values[sel], kept)  # the true positions
+        np.testing.assert_array_equal(ds["input_ids"].values[sel], ids[kept])
+        np.testing.assert_array_equal(ds["is_visual"].values[sel], visual[kept])
+        np.testing.assert_array_equal(ds["is_text"].values[sel], question[kept])
+        assert not ds["is_answer"].values[sel].any()
+        states = hidden[:, sel]
+        for layer in range(loaded.n_layers - 1):
+            np.testing.assert_allclose(states[layer], ref[layer + 1][0].numpy()[kept], atol=2e-5, rtol=1e-4)
+        last = loaded.final_norm()(torch.from_numpy(states[-1]))
+        np.testing.assert_allclose(last.detach().numpy(), ref[-1][0].numpy()[kept], atol=2e-5, rtol=1e-4)
+        # sample-level values do not depend on the token selection
+        with torch.no_grad():
+            logp = torch.log_softmax(loaded.model(**enc).logits[0].double(), -1)
+        expect = sum(float(logp[p - 1, ids[p]]) for p in range(len(ids) - n_answer, len(ids)))
+        assert ds["logp_clean"].values[row] == pytest.approx(expect, rel=1e-6)
+
+
+def test_token_set_that_a_sample_lacks_stores_no_tokens(tiny_checkpoint, tmp_path):
+    from store.inspect import verify_run
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(2)
+    samples[1]["image"] = None  # a text-only sample has no visual tokens to store
+    stats, ds = _capture(loaded, _cfg(path, batch_size=2, tokens=["visual"]), samples, tmp_path / "run")
+    assert (stats.n_ok, stats.n_failed) == (2, 0) and verify_run(tmp_path / "run") == []
+    by_id = dict(zip(ds["sample_id"].values, ds["n_tokens"].values))
+    assert by_id == {"t/0": 16, "t/1": 0}  # llava: 16 image tokens
+    assert ds["is_visual"].values.all() and ds.sizes["token"] == 16 == ds["hidden"].shape[1]
+
+
+def test_token_sets_config_errors_and_resume(tiny_checkpoint, tmp_path):
+    from schemas.config import ConfigError
+    from schemas.errors import GapError
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    with pytest.raises(ConfigError, match="'capture.tokens'.*'visal' is not a token set"):
+        _cfg(path, tokens=["visual", "visal"])
+    with pytest.raises(ConfigError, match="'capture.tokens'.*non-empty"):
+        _cfg(path, tokens=[])
+    # one canonical spelling per selection: order and repeats do not matter, all four sets are "all"
+    assert _cfg(path, tokens=["text", "visual", "text"]).capture.tokens == ["visual", "text"]
+    assert _cfg(path, tokens=["other", "answer", "text", "visual"]).capture.tokens == "all"
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(1)
+    _capture(loaded, _cfg(path, tokens=["visual", "text"]), samples, tmp_path / "run")
+    with pytest.raises(GapError, match="'config.capture.tokens' differs"):
+        RunWriter(tmp_path / "run", make_spec(_cfg(path, tokens=["visual"]), loaded, 1), resume=True)
+    # the same selection spelled differently resumes
+    RunWriter(tmp_path / "run", make_spec(_cfg(path, tokens=["text", "visual"]), loaded, 1), resume=True).close()

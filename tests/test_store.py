@@ -215,6 +215,24 @@ def test_refuses_a_different_model_or_config(tmp_path):
         RunWriter(run, make_spec("float32", n_total=2), resume=True)
 
 
+def test_a_config_key_added_since_the_run_began_is_no_difference_at_its_default(tmp_path):
+    # A run begun before `capture.tokens` existed: its stored config lacks the key.
+    run = tmp_path / "run"
+    spec = make_spec(n_total=2)
+    with RunWriter(run, spec) as w:
+        w.put(make_record(0, spec))
+    meta = json.loads((run / "zarr.json").read_text())
+    del meta["attributes"]["gap"]["config"]["capture"]["tokens"]
+    (run / "zarr.json").write_text(json.dumps(meta))
+    with RunWriter(run, spec, resume=True) as w:
+        assert w.committed == {0}
+    other = make_spec(n_total=2)
+    other.config = other.config.model_copy(update={"capture": other.config.capture.model_copy(
+        update={"tokens": ["visual"]})})
+    with pytest.raises(GapError, match="'config.capture.tokens' differs"):
+        RunWriter(run, other, resume=True)
+
+
 def test_two_writers_may_not_share_a_shard(tmp_path):
     spec = make_spec()
     with RunWriter(tmp_path / "run", spec, shard=(1, 2)):
