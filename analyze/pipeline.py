@@ -1,9 +1,10 @@
 """The Dask pipelines: one read of the activations for every geometry metric, then the rest.
 
 Geometry pass.  The token axis of ``hidden`` is cut into *batches*: the samples whose tokens
-start in one Dask chunk (a sample running past the chunk's end takes the next chunk along).
-Each task receives whole chunks, so when all tasks of a layer group are computed together every
-chunk is read from the store exactly once, whichever batches share it.  A task computes, for each
+start in one Dask chunk (a sample running past the chunk's end takes the next chunk's first
+tokens along).  The array is then re-chunked at the batches' spans, so each task receives
+exactly its own tokens, and when all tasks of a layer group are computed together every store
+chunk is read exactly once, whichever batches share it.  A task computes, for each
 of its samples and layers and for both modalities (visual tokens, question tokens):
 
 - the massive-token mask (norm > k x the median norm of the sample's tokens at that layer);
@@ -439,6 +440,11 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     n_layers, _, d = data.shape
     n = len(ok)
     layer_values = np.asarray(getattr(hidden, "layer", np.arange(n_layers)))
+    batches = plan_batches(token_sample, ok, data.chunks[1])
+    # Chunks cut at the batches' own token spans: a batch whose last sample runs past its chunk's
+    # end then receives just those tokens, not the whole next chunk from another worker.
+    spans = {0, data.shape[1]} | {b.offset + int(e) for b in batches for e in (b.bounds[0, 0], b.bounds[-1, 1])}
+    data = data.rechunk({1: tuple(np.diff(sorted(spans)).tolist())})
     batches = plan_batches(token_sample, ok, data.chunks[1])
     layer_edges = np.concatenate([[0], np.cumsum(data.chunks[0])])
     groups = plan_layer_groups(data.chunks[0], d, max(data.chunks[1], default=1), memory_budget)
