@@ -34,6 +34,7 @@ bench: $(STAMP)
 
 # On a CUDA machine: capture overhead and causal sweep speedup for the real model shapes.
 gpu-check: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/test_gpu.py
 	$(PY) -m bench.gpu_capture
 
 clean:
