@@ -14,7 +14,7 @@ Examples
 --------
 >>> from capture.family import supported_families
 >>> supported_families()
-['llava', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe']
+['llava', 'llava_next', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe']
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 log = logging.getLogger(__name__)
 
 # One module per family; each defines ``ADAPTER``. The registry is derived from them.
-FAMILY_MODULES = ("capture.llava", "capture.qwen2_vl", "capture.qwen2_5_vl", "capture.qwen3_vl",
-                  "capture.qwen3_vl_moe")
+FAMILY_MODULES = ("capture.llava", "capture.llava_next", "capture.qwen2_vl", "capture.qwen2_5_vl",
+                  "capture.qwen3_vl", "capture.qwen3_vl_moe")
 
 
 class FamilyAdapter:

@@ -266,7 +266,8 @@ def collate(samples: Sequence[PromptSample], pad_token_id: int, padding_side: st
 
     Per-token tensors are padded (``input_ids`` with ``pad_token_id``, everything else with 0,
     so padding is masked out); image tensors are concatenated in sample order, which is the
-    order the models consume them in.
+    order the models consume them in (zero-padded where their per-image shapes differ, as
+    LLaVA-NeXT's tile counts do).
 
     Examples
     --------
@@ -295,7 +296,7 @@ def collate(samples: Sequence[PromptSample], pad_token_id: int, padding_side: st
         values = [s.inputs.get(key) for s in samples]
         present = [v for v in values if v is not None]
         if key.startswith(_STACKED_PREFIXES):
-            out[key] = torch.cat(present, dim=0)
+            out[key] = _concat_padded(present)
             continue
         ref = present[0]
         fill = pad_token_id if key == "input_ids" else 0
@@ -305,6 +306,29 @@ def collate(samples: Sequence[PromptSample], pad_token_id: int, padding_side: st
                 padded[row, off:off + n] = v[0]
         out[key] = padded
     return Batch(list(samples), out, offsets, lengths, padding_side)
+
+
+def _concat_padded(tensors: Sequence[Any]) -> Any:
+    """Concatenate along dim 0, zero-padding the other dims to the largest size.
+
+    LLaVA-NeXT's ``pixel_values`` is ``(images, tiles, 3, H, W)`` with a tile count that depends
+    on the image; its processor zero-pads the tiles of a multi-image batch the same way and the
+    model keeps each image's real tiles by its ``image_sizes``.
+
+    >>> import torch
+    >>> _concat_padded([torch.ones(1, 2), torch.ones(1, 1)]).tolist()
+    [[1.0, 1.0], [1.0, 0.0]]
+    """
+    import torch
+
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].ndim)]
+    padded = []
+    for t in tensors:
+        pad: list[int] = []
+        for d in reversed(range(1, t.ndim)):  # F.pad lists the last dim first
+            pad += [0, shape[d - 1] - t.shape[d]]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded, dim=0)
 
 
 def length_batches(lengths: Iterable[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:

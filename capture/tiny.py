@@ -17,8 +17,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 LLAVA_PATCH = 14
+# LLaVA-NeXT's grid pinpoints in tiles of the tower's side (the real checkpoints' default
+# [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] for 336 px tiles).
+LLAVA_NEXT_GRID = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
 # Tokens every tiny tokenizer knows. The specials are what the processors and templates use.
 SPECIAL_TOKENS = ["<pad>", "<unk>", "</s>", "<s>", "<image>", "<|vision_start|>", "<|image_pad|>",
@@ -31,7 +34,8 @@ BASE_WORDS = ["USER", "ASSISTANT", "user", "assistant", "system", "You", "are", 
 PUNCT = list(":?.,!'\"-()[]/")
 ALNUM = list("abcdefghijklmnopqrstuvwxyz0123456789")
 
-# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), as a template.
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), as a template; also the
+# LLaVA-NeXT Vicuna checkpoints' format.
 LLAVA_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
@@ -111,17 +115,23 @@ def qwen_token_ids(tok: Any) -> dict[str, int]:
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
-def _llava_config(tok: Any, n_layers: int, hidden_size: int, image_size: int) -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def _llava_next_pinpoints(side: int) -> list[list[int]]:
+    return [[h * side, w * side] for h, w in LLAVA_NEXT_GRID]
+
+
+def _llava_config(family: str, tok: Any, n_layers: int, hidden_size: int, image_size: int) -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, image_size=image_size, patch_size=LLAVA_PATCH,
                               projection_dim=32)
     text = LlamaConfig(**_text_kwargs(n_layers, hidden_size, len(tok), tok))
-    return LlavaConfig(vision_config=vision, text_config=text,
-                       image_token_index=tok.convert_tokens_to_ids("<image>"),
-                       image_seq_length=(image_size // LLAVA_PATCH) ** 2, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    common = dict(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                  image_seq_length=(image_size // LLAVA_PATCH) ** 2, vision_feature_layer=-2,
+                  vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    if family == "llava_next":
+        return LlavaNextConfig(**common, image_grid_pinpoints=_llava_next_pinpoints(image_size))
+    return LlavaConfig(**common)
 
 
 def build_processor(family: str, vocab_words: list[str] | None = None, image_size: int | None = None) -> Any:
@@ -148,6 +158,14 @@ def build_processor(family: str, vocab_words: list[str] | None = None, image_siz
         return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tok,
                                            patch_size=LLAVA_PATCH, vision_feature_select_strategy="default",
                                            chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1)
+    if family == "llava_next":
+        side = image_size or 28
+        image_processor = transformers.LlavaNextImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+            image_grid_pinpoints=_llava_next_pinpoints(side))
+        return transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok,
+                                               patch_size=LLAVA_PATCH, vision_feature_select_strategy="default",
+                                               chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1)
     patch = 16 if family.startswith("qwen3") else 14
     side = image_size or 112
     unit = patch * 2  # one merged visual token covers (patch * merge)^2 pixels
@@ -198,7 +216,7 @@ def build_tiny(family: str, out_dir: str | Path, *, n_layers: int = 4, hidden_si
     Parameters
     ----------
     family
-        One of ``llava``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe``.
+        One of ``llava``, ``llava_next``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe``.
     out_dir
         Directory to write (created); afterwards it loads like any local checkpoint.
     n_layers, hidden_size
@@ -206,9 +224,11 @@ def build_tiny(family: str, out_dir: str | Path, *, n_layers: int = 4, hidden_si
     vocab_words
         Extra words for the word-level tokenizer (e.g. a synthetic dataset's words).
     image_size
-        LLaVA: the square input side (56 -> 16 visual tokens with 14 px patches). Qwen: the
-        side of the largest square the image processor keeps (max pixels = side^2); defaults
-        to 112 (Qwen2/2.5: up to 16 visual tokens, Qwen3: up to 9).
+        LLaVA: the square input side (56 -> 16 visual tokens with 14 px patches). LLaVA-NeXT:
+        the tile side (default 28: 4 patches a tile); the grid pinpoints are the real
+        checkpoints' 1x2, 2x1, 2x2, 3x1 and 1x3 tiles, so an image gets 3 to 5 tiles with
+        the base one. Qwen: the side of the largest square the image processor keeps (max
+        pixels = side^2); defaults to 112 (Qwen2/2.5: up to 16 visual tokens, Qwen3: up to 9).
     seed
         Seed of the random weights (same seed, same checkpoint).
     dtype
@@ -234,8 +254,8 @@ def build_tiny(family: str, out_dir: str | Path, *, n_layers: int = 4, hidden_si
     tok = processor.tokenizer
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if family == "llava":
-        config = _llava_config(tok, n_layers, hidden_size, image_size or 56)
+    if family.startswith("llava"):
+        config = _llava_config(family, tok, n_layers, hidden_size, image_size or (56 if family == "llava" else 28))
     else:
         config = _qwen_config(family, tok, n_layers, hidden_size)
     torch.manual_seed(seed)

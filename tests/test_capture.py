@@ -20,12 +20,18 @@ from schemas.config import config_from_dict
 from store import open_run
 from store.writer import RunWriter
 
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 # Different shapes give the Qwen families different visual token counts within one batch.
 SIZES = [(56, 56), (112, 84), (28, 112), (84, 84)]
 QUESTIONS = ["what colour is the square ?", "how many circle ?", "is there a red square ?",
              "which is the value ?"]
 ANSWERS = ["red", "2", "yes no", "blue"]
+# LLaVA-NeXT visual tokens of the SIZES images (28 px tiles of 2x2 patches, pinpoints 1x2, 2x1,
+# 2x2, 3x1, 1x3 tiles as (h, w)). 56x56, 112x84, 84x84 fit 2x2 tiles best (4x4 patches; the
+# aspect unpadding removes no whole patch row): 16 + 4 row newlines + 4 base-tile patches = 24.
+# 28x112 fits 1x3 (scale 0.75 keeps 21x84 px): 2x6 patches, unpadding would keep
+# int(28 * 6 / 112) = 1 row, (2 - 1) // 2 = 0 rows removed: 12 + 2 newlines + 4 = 18.
+LLAVA_NEXT_TOKENS = [24, 24, 18, 24]
 
 
 def _samples(n: int = 4) -> list[dict]:
@@ -106,11 +112,35 @@ def test_stored_states_equal_plain_forward(family_model, padding_side, tmp_path)
         np.testing.assert_allclose(last.detach().numpy(), ref[-1][0].numpy(), atol=2e-5, rtol=1e-4)
     if family == "llava":
         assert n_visual == [16] * 4  # (56 / 14)^2 patches, CLS dropped
+    elif family == "llava_next":
+        assert n_visual == LLAVA_NEXT_TOKENS  # tilings worked out at LLAVA_NEXT_TOKENS
     else:
         grid = [int(loaded.processor(text=["<|image_pad|>"], images=[s["image"]])["image_grid_thw"][0].prod())
                 for s in samples]
         assert n_visual == [g // 4 for g in grid]  # t*h*w / merge^2
         assert len(set(n_visual)) > 1  # different image sizes in one batch
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_llava_next_masks_follow_each_images_tiling(tiny_checkpoint, padding_side, tmp_path):
+    # 28x112 (3 tiles + base) and 56x56 (4 tiles + base) in one batch: different tile counts
+    # (pixel_values zero-padded on tiles) and different visual token counts.
+    path = tiny_checkpoint("llava_next", n_layers=3)
+    loaded = load_model(_cfg(path).model)
+    samples = [_samples(3)[2], _samples(1)[0]]
+    stats, ds = _capture(loaded, _cfg(path, batch_size=2), samples, tmp_path / "run", padding_side=padding_side)
+    assert (stats.n_ok, stats.n_failed) == (2, 0)
+    image_id = loaded.processor.tokenizer.convert_tokens_to_ids("<image>")
+    for sample, n_visual in zip(samples, [18, 24]):
+        row = int(np.flatnonzero(ds["sample_index"].values == sample["index"])[0])
+        sel = ds["token_sample"].values == row
+        # "USER" ":" then the image run, then "\n" is whitespace to the word-level tokenizer
+        expected = np.zeros(int(sel.sum()), bool)
+        expected[2:2 + n_visual] = True
+        np.testing.assert_array_equal(ds["is_visual"].values[sel], expected)
+        np.testing.assert_array_equal(ds["input_ids"].values[sel] == image_id, expected)
+        _, ref, _ = _reference(loaded, sample)
+        np.testing.assert_allclose(ds["hidden"].values[0, sel], ref[1][0].numpy(), atol=2e-5, rtol=1e-4)
 
 
 def test_text_mask_is_the_question(family_model, tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from capture.causal import CHANNELS, METHODS, causal_sample, pick_donor, resample_tokens, run_causal
 
-FAMILIES = ("llava", "qwen3_vl_moe")
+FAMILIES = ("llava", "llava_next", "qwen3_vl_moe")
 N_LAYERS = 4
 
 

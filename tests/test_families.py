@@ -9,14 +9,14 @@ from capture.family import _max_memory, _revision, adapter_for, load_model, supp
 from schemas.config import ModelConfig
 from schemas.errors import GapError
 
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
-IMAGE_TOKEN = {"llava": "<image>"}
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>"}
 
 
 def test_registry_lists_every_family():
     assert supported_families() == sorted(FAMILIES)
     for family in FAMILIES:
-        assert adapter_for(family).family == family  # model_type == family name for all five
+        assert adapter_for(family).family == family  # model_type == family name for all six
 
 
 def test_unknown_family_names_the_supported_ones():
