@@ -484,7 +484,7 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
         bar.close()
         del pooled
         shutil.rmtree(scratch, ignore_errors=True)
-        client.run(_drop_pools, prefix)
+        client.run(_drop_pools, prefix, on_error="ignore")  # a lost worker must not hide the first error
     if massive:
         out.massive = np.concatenate(massive)
     return out
