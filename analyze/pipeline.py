@@ -18,7 +18,9 @@ of its samples and layers and for both modalities (visual tokens, question token
 The client writes the per-sample values and the pooled states (a memory map in the output
 directory) as tasks finish, checks that every batch reached the pooled ranks exactly once (a
 worker lost mid-pass loses its accumulators: the layer group runs again), and computes the CKA
-maps at the end.  Layer groups are as large as ``memory_budget`` per worker allows.
+maps at the end.  Layer groups are as large as ``memory_budget`` per worker allows.  Each
+finished group's results are saved in the scratch directory, so a pass that stops (a time
+limit, a failure) resumes after its last finished group when run again over the same samples.
 
 Examples
 --------
@@ -417,7 +419,9 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     token_sample, is_visual, is_text : per-token coordinates (numpy)
     ok : per-sample mask of the samples to analyse (status ``ok``)
     client : a ``distributed.Client`` (see :func:`open_client`)
-    scratch : directory for the memory-mapped pooled states (removed afterwards)
+    scratch : directory for the memory-mapped pooled states and each finished layer group's
+        results: a pass that stopped (killed at a time limit, a failure) resumes from it when run
+        again over the same samples; removed once the pass is complete
     massive_k : a token is massive when its norm exceeds ``massive_k`` x the sample-layer median
     memory_budget : bytes per worker for its pooled accumulators and in-flight chunks; sets how
         many layers a pass holds
@@ -451,10 +455,11 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     visual, text = np.asarray(is_visual, bool), np.asarray(is_text, bool)
 
     scratch = Path(scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
+    resuming = _open_scratch(scratch, _fingerprint(data, layer_values, groups, massive_k, token_sample, ok,
+                                                   visual, text))
     # Entries of samples without tokens of a modality stay 0 and are never read (see _cka).
-    pooled = np.lib.format.open_memmap(scratch / "pooled.npy", mode="w+", dtype=np.float32,
-                                       shape=(n_layers, 2, 2, n, d))
+    pooled = np.lib.format.open_memmap(scratch / "pooled.npy", mode="r+" if resuming else "w+",
+                                       dtype=np.float32, shape=(n_layers, 2, 2, n, d))
     shape = (n, n_layers, 2, 2)
     out = GeometryResult(layer_values, np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, np.int64),
                          np.full((n_layers, 2, 2), np.nan), np.zeros((n_layers, 2, 2), np.int64),
@@ -463,31 +468,83 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     bar = _progress(len(batches) * len(groups), progress)
     prefix = f"geometry-{uuid.uuid4().hex}"
     massive: list[np.ndarray] = []
+    saved = [scratch / f"layers-{layer_edges[ga]}-{layer_edges[gb]}.npz" for ga, gb in groups]
+    if resuming:
+        log.info("resuming the geometry pass from %s: %d of %d layer groups done", scratch,
+                 sum(path.exists() for path in saved), len(groups))
+    completed = False
     try:
-        for ga, gb in groups:
-            group = _GroupPass(client, data, batches, visual, text, massive_k, pooled, out,
-                               int(layer_edges[ga]), int(layer_edges[gb]), ga, gb, bar)
+        for (ga, gb), path in zip(groups, saved):
+            la, lb = int(layer_edges[ga]), int(layer_edges[gb])
+            if path.exists():
+                massive.append(_load_group(path, out, slice(la, lb)))
+                bar.update(len(batches))
+                continue
+            group = _GroupPass(client, data, batches, visual, text, massive_k, pooled, out, la, lb, ga, gb, bar)
             for attempt in range(2):
                 if group.run(f"{prefix}-{ga}-{attempt}"):
-                    massive += group.massive
                     break
                 log.warning("layers %s-%s: a worker was lost with its pooled moments; running these layers "
-                            "again", layer_values[group.la], layer_values[group.lb - 1])
+                            "again", layer_values[la], layer_values[lb - 1])
             else:
-                raise GapError(f"layers {layer_values[group.la]}-{layer_values[group.lb - 1]}: workers kept "
+                raise GapError(f"layers {layer_values[la]}-{layer_values[lb - 1]}: workers kept "
                                "failing during the geometry pass; see the Dask worker logs")
-        pooled.flush()
+            group_massive = np.concatenate(group.massive) if group.massive else np.zeros((0, 5))
+            pooled.flush()  # the group's pooled states are on disk before its results say it is done
+            _save_group(path, out, slice(la, lb), group_massive)
+            massive.append(group_massive)
         started = time.perf_counter()
         out.cka_modality, out.cka_layers, out.n_cka = _cka(pooled, out.n_tokens)
         out.seconds["cka"] = time.perf_counter() - started
+        completed = True
     finally:
         bar.close()
         del pooled
-        shutil.rmtree(scratch, ignore_errors=True)
         client.run(_drop_pools, prefix, on_error="ignore")  # a lost worker must not hide the first error
-    if massive:
-        out.massive = np.concatenate(massive)
+        if completed:  # otherwise the next pass over the same samples resumes from here
+            shutil.rmtree(scratch, ignore_errors=True)
+    out.massive = np.concatenate(massive) if massive else np.zeros((0, 5))
     return out
+
+
+def _fingerprint(data: Any, layer_values: np.ndarray, groups: list[tuple[int, int]], massive_k: float,
+                 *token_arrays: np.ndarray) -> str:
+    """What a stopped pass's saved groups depend on: the samples, their tokens and the plan."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps([list(data.shape), list(data.chunks[0]), np.asarray(layer_values).tolist(),
+                                        groups, massive_k]).encode())
+    for array in token_arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _open_scratch(scratch: Path, fingerprint: str) -> bool:
+    """True when ``scratch`` holds a stopped pass over the same samples; else make it empty."""
+    stamp = scratch / "fingerprint"
+    if stamp.exists() and stamp.read_text() == fingerprint and (scratch / "pooled.npy").exists():
+        return True
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    stamp.write_text(fingerprint)
+    return False
+
+
+def _save_group(path: Path, out: GeometryResult, layers: slice, massive: np.ndarray) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as f:
+        np.savez(f, er=out.er_sample[:, layers], icc=out.icc[:, layers], n_tokens=out.n_tokens[:, layers],
+                 er_pooled=out.er_pooled[layers], n_pooled=out.n_pooled[layers], massive=massive)
+    os.replace(partial, path)  # a group is either saved whole or not at all
+
+
+def _load_group(path: Path, out: GeometryResult, layers: slice) -> np.ndarray:
+    with np.load(path) as saved:
+        out.er_sample[:, layers], out.icc[:, layers] = saved["er"], saved["icc"]
+        out.n_tokens[:, layers] = saved["n_tokens"]
+        out.er_pooled[layers], out.n_pooled[layers] = saved["er_pooled"], saved["n_pooled"]
+        return saved["massive"]
 
 
 class _GroupPass:

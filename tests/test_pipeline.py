@@ -233,3 +233,52 @@ def test_worker_processes_give_the_same_results(run, geo, tmp_path):
     for name in ("er_sample", "icc", "er_pooled", "cka_modality", "cka_layers"):
         np.testing.assert_allclose(getattr(again, name), getattr(geo, name), rtol=1e-9, err_msg=name)
     np.testing.assert_array_equal(again.n_pooled, geo.n_pooled)
+
+
+def test_a_stopped_pass_resumes_from_its_finished_layer_groups(run, client, geo, tmp_path, monkeypatch):
+    # Killed after two of the four layer groups (one layer each): the next pass over the same
+    # samples runs only the last two and gives what an uninterrupted pass gives.
+    import analyze.pipeline as pipeline
+
+    path, _ = run
+    ds = open_run(path, chunks=32)
+    ok = ds.status.values.astype(str) == "ok"
+    original, ran = pipeline._GroupPass.run, []
+
+    def stopping_after_two(self, key):
+        if len(ran) == 2:
+            raise KeyboardInterrupt  # what a time limit's signal leaves behind
+        ran.append(self.la)
+        return original(self, key)
+
+    def args(scratch):
+        return dict(client=client, scratch=scratch, memory_budget=1, progress=False)
+
+    monkeypatch.setattr(pipeline._GroupPass, "run", stopping_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                 **args(tmp_path / "s"))
+    assert sorted(p.name for p in (tmp_path / "s").glob("layers-*.npz")) == ["layers-0-1.npz", "layers-1-2.npz"]
+
+    ran.clear()
+    monkeypatch.setattr(pipeline._GroupPass, "run", lambda self, key: ran.append(self.la) or original(self, key))
+    resumed = geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                       **args(tmp_path / "s"))
+    assert ran == [2, 3] and not (tmp_path / "s").exists()
+    for name in ("er_sample", "icc", "er_pooled", "cka_modality", "cka_layers"):
+        np.testing.assert_allclose(getattr(resumed, name), getattr(geo, name), rtol=1e-9, err_msg=name)
+    np.testing.assert_array_equal(resumed.n_tokens, geo.n_tokens)
+    np.testing.assert_array_equal(resumed.massive[np.lexsort(resumed.massive.T)], geo.massive[np.lexsort(geo.massive.T)])
+
+    # Other samples (one left out): nothing of the stopped pass is reused.
+    monkeypatch.setattr(pipeline._GroupPass, "run", stopping_after_two)
+    ran.clear()
+    with pytest.raises(KeyboardInterrupt):
+        geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                 **args(tmp_path / "t"))
+    fewer = ok.copy()
+    fewer[np.flatnonzero(ok)[0]] = False
+    ran.clear()
+    monkeypatch.setattr(pipeline._GroupPass, "run", lambda self, key: ran.append(self.la) or original(self, key))
+    geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, fewer, **args(tmp_path / "t"))
+    assert ran == [0, 1, 2, 3]
