@@ -247,7 +247,8 @@ def geometry_task(parts: list[list[np.ndarray]], batch: Batch, batch_id: int, la
     instead of one per task.
     """
     lo, hi = int(batch.bounds[:, 0].min()), int(batch.bounds[:, 1].max())
-    block = np.concatenate([_token_span(row, lo, hi) for row in parts], axis=0)
+    spans = [_token_span(row, lo, hi) for row in parts]
+    block = spans[0] if len(spans) == 1 else np.concatenate(spans, axis=0)
     bounds, visual, text = batch.bounds - lo, visual[lo:hi], text[lo:hi]
     n_b, n_layers, d = len(batch.samples), block.shape[0], block.shape[2]
     res = GeometryPartial(batch.samples, np.full((n_b, n_layers, 2, 2), np.nan),
