@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ DESCRIPTION = """Analyse a run store on CPUs: causal summaries (EVD, cliff, tran
 truncation accuracy curves, geometry (effective rank, ICC, CKA; with and without massive
 activations) in one read of the activations, the checkpoint decisions CP1-CP3, figures and
 report.md.  A run still being captured, or with failed samples, is analysed on its committed
-samples with status ok, and the report says so."""
+samples with status ok, and the report says so.  SIGUSR1 (Slurm's time-limit warning) stops it
+with exit status 0; run it again and the geometry pass goes on after its last finished layers."""
 
 EPILOG = """schedulers:
   local            a Dask cluster of one worker process per core, on 127.0.0.1 only (default)
@@ -156,6 +158,17 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+class StopRequested(BaseException):
+    """Raised in the main thread by SIGUSR1: the work in flight is dropped, what is saved stays.
+
+    A BaseException, like KeyboardInterrupt, so that no library's ``except Exception`` swallows it.
+    """
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     handler = logging.StreamHandler()
@@ -164,8 +177,15 @@ def main(argv: list[str]) -> int:
     handler.addFilter(lambda r: r.name.startswith("gap") or r.levelno >= logging.WARNING)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, handlers=[handler],
                         force=True)
-    report = analyse(args.run, args.out, scheduler=args.scheduler, workers=args.workers, jobs=args.jobs,
-                     overrides=args.overrides, memory_budget=parse_bytes(args.memory_budget),
-                     relabel=args.relabel, plots=not args.no_plots, progress=not args.quiet)
+    previous = signal.signal(signal.SIGUSR1, _stop)
+    try:
+        report = analyse(args.run, args.out, scheduler=args.scheduler, workers=args.workers, jobs=args.jobs,
+                         overrides=args.overrides, memory_budget=parse_bytes(args.memory_budget),
+                         relabel=args.relabel, plots=not args.no_plots, progress=not args.quiet)
+    except StopRequested as stop:
+        print(f"gap analyze: stopped early ({stop}); run it again to go on after the finished layers")
+        return 0
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     print(report)
     return 0

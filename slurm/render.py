@@ -15,7 +15,8 @@ capture``, which finishes the current batch, commits and exits 0. The script the
 (``--requeue``, ``--open-mode=append`` keeps one log) and the next start resumes from the store.
 On ``scancel``, a time-limit kill or a preemption Slurm sends SIGTERM to every process of the job
 itself, so the shell does not forward SIGTERM (a second signal must not reach ``gap capture``) and
-only waits for it to commit.
+only waits for it to commit.  The analysis job works the same way: on the warning ``gap analyze``
+stops, the job requeues itself, and the restart goes on after the geometry pass's finished layers.
 
 Examples
 --------
@@ -160,6 +161,26 @@ def render_script(header: Sequence[str], prologue: Sequence[str], command: Seque
     return "\n".join(body) + "\n"
 
 
+def _check_signal(signal_seconds: int, time: str, key: str) -> None:
+    if signal_seconds and signal_seconds >= time_seconds(time):
+        # The warning would come at the start: every job would requeue itself at once.
+        raise ConfigError(f"slurm.signal_seconds ({signal_seconds}) must be shorter than {key} ({time})")
+
+
+def _background(command: str, on_term: str) -> list[str]:
+    """Run ``command`` as the shell's child, passing SIGUSR1 on to it; ``$rc`` is its exit status
+    and ``$stopped`` 1 once the warning came.  SIGTERM reaches every process of the job from
+    Slurm itself, so the shell only notes it (``on_term``) and keeps waiting."""
+    return ['stopped=0; child=""',
+            "trap 'stopped=1; kill -USR1 \"$child\" 2>/dev/null' USR1",
+            f"trap 'echo \"{on_term}\"' TERM",
+            f"{command} &",
+            "child=$!",
+            'wait "$child"; rc=$?',
+            "# wait returns early (> 128) when a trapped signal arrives; wait again for the exit status",
+            'while [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done']
+
+
 def _job_name(kind: str, run_dir: str) -> str:
     name = PurePath(run_dir).name or "run"
     return f"gap-{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
@@ -188,10 +209,7 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
     ['#SBATCH --array=1,3', '#SBATCH --gres=gpu:4', '#SBATCH --signal=B:USR1@300']
     """
     _check_resources(slurm.mem, slurm.time, "slurm")
-    if slurm.signal_seconds and slurm.signal_seconds >= time_seconds(slurm.time):
-        # The warning would come at the start: every task would requeue itself at once.
-        raise ConfigError(f"slurm.signal_seconds ({slurm.signal_seconds}) must be shorter than "
-                          f"slurm.time ({slurm.time})")
+    _check_signal(slurm.signal_seconds, slurm.time, "slurm.time")
     n = slurm.shards
     tasks = list(range(n)) if tasks is None else list(tasks)
     if any(not 0 <= t < n for t in tasks):
@@ -217,14 +235,8 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
         "# --- command: check the node fast, then capture this shard in the background so that",
         "# the shell can pass the time-limit warning (SIGUSR1) on to it",
         f'{gap_cmd} slurm probe "$CONFIG" || exit 1',
-        'stopped=0; child=""',
-        "trap 'stopped=1; kill -USR1 \"$child\" 2>/dev/null' USR1",
-        "trap 'echo \"gap capture shard $SHARD: SIGTERM, waiting for the current batch to commit\"' TERM",
-        f'{gap_cmd} capture "$CONFIG" --out "$RUN" --shard "$SHARD" --resume &',
-        "child=$!",
-        'wait "$child"; rc=$?',
-        "# wait returns early (> 128) when a trapped signal arrives; wait again for the exit status",
-        'while [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done',
+        *_background(f'{gap_cmd} capture "$CONFIG" --out "$RUN" --shard "$SHARD" --resume',
+                     "gap capture shard $SHARD: SIGTERM, waiting for the current batch to commit"),
     ]
     epilogue = [
         "# --- epilogue: stopped before the time limit -> back into the queue; the restart resumes",
@@ -251,19 +263,33 @@ def render_analysis(slurm: SlurmConfig, *, run_dir: str, gap: Sequence[str],
     --------
     >>> s = render_analysis(SlurmConfig(), run_dir="/r", gap=["gap"])
     >>> [line for line in s.splitlines() if "--partition" in line or line.startswith("gap analyze")]
-    ['#SBATCH --partition=cpu', 'gap analyze "$RUN" --out "$RUN/analysis" --workers 8']
+    ['#SBATCH --partition=cpu', 'gap analyze "$RUN" --out "$RUN/analysis" --workers 8 &']
     """
     ana: SlurmAnalysisConfig = slurm.analysis
     _check_resources(ana.mem, ana.time, "slurm.analysis")
+    _check_signal(slurm.signal_seconds, ana.time, "slurm.analysis.time")
     log = log_pattern(PurePath(run_dir) / "slurm" / "logs", "analysis_%j.out")
     header = [_directive("job-name", _job_name("analyze", run_dir)),
               *_resources(ana.partition, ana.cpus, ana.mem, ana.time),
-              _directive("output", log), _directive("open-mode", "append"),
-              *extra_directives(ana.extra, "slurm.analysis.extra"),
-              "# gap analysis: written by `gap slurm submit`; runs once every capture task succeeded."]
+              _directive("output", log), _directive("open-mode", "append"), "#SBATCH --requeue"]
+    if slurm.signal_seconds:
+        header.append(_directive("signal", f"B:USR1@{slurm.signal_seconds}"))
+    header += [*extra_directives(ana.extra, "slurm.analysis.extra"),
+               "# gap analysis: written by `gap slurm submit`; runs once every capture task succeeded."]
     prologue = _prologue(slurm.setup, {"RUN": run_dir})
     more = "".join(" " + shlex.quote(arg) for arg in analyze_args)
     command = ["# --- command: one Dask worker per allocated CPU (without task binding a job sees",
-               "# every core of the node)",
-               f'{shlex.join(gap)} analyze "$RUN" --out "$RUN/analysis" --workers {ana.cpus}{more}']
-    return render_script(header, prologue, command)
+               "# every core of the node), in the background so that the shell can pass the",
+               "# time-limit warning (SIGUSR1) on to it",
+               *_background(f'{shlex.join(gap)} analyze "$RUN" --out "$RUN/analysis" --workers {ana.cpus}{more}',
+                            "gap analyze: SIGTERM")]
+    epilogue = [
+        "# --- epilogue: stopped before the time limit -> back into the queue; the restart goes on",
+        "# after the geometry pass's finished layers",
+        f'if [ "$rc" -eq 0 ] && [ "$stopped" -eq 1 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {MAX_REQUEUES} ]; then',
+        '    echo "gap analyze stopped early; requeueing $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$rc"',
+    ]
+    return render_script(header, prologue, command, epilogue)

@@ -127,6 +127,40 @@ def test_errors_are_one_line(tmp_path, capsys):
         open_analysis(tmp_path)
 
 
+def test_sigusr1_stops_the_analysis_and_a_rerun_resumes_it(tmp_path, capsys, monkeypatch):
+    # Slurm's time-limit warning arrives while the second layer group runs: `gap analyze` stops
+    # with status 0 and keeps the first group; the rerun starts at the second and finishes.
+    import signal
+
+    import analyze.pipeline as pipeline
+    import gap
+
+    run, _ = make_run(tmp_path / "run")
+    args = ["analyze", str(run), "--out", str(tmp_path / "out"), "--scheduler", "threads", "--workers", "1",
+            "-q", "--no-plots", "--memory-budget", "1", "--set", "analysis.bootstrap=20"]
+    original, ran = pipeline._GroupPass.run, []
+
+    def warned_in_the_second_group(self, key):
+        ran.append(self.la)
+        if len(ran) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, key)
+
+    monkeypatch.setattr(pipeline._GroupPass, "run", warned_in_the_second_group)
+    before = signal.getsignal(signal.SIGUSR1)
+    assert gap.main(args) == 0
+    assert "stopped early (SIGUSR1)" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert [p.name for p in (tmp_path / "out" / ".scratch").glob("layers-*.npz")] == ["layers-0-1.npz"]
+    assert not (tmp_path / "out" / "report.md").exists()
+
+    ran.clear()
+    monkeypatch.setattr(pipeline._GroupPass, "run", lambda self, key: ran.append(self.la) or original(self, key))
+    assert gap.main([a for a in args if a != "-q"]) == 0  # without -q: the resume is logged
+    assert ran == [1, 2, 3] and "1 of 4 layer groups done" in capsys.readouterr().err
+    assert (tmp_path / "out" / "report.md").exists() and not (tmp_path / "out" / ".scratch").exists()
+
+
 def test_help_lists_the_schedulers(capsys):
     from analyze.cli import main
 

@@ -57,6 +57,19 @@ if argv[0] == "capture":
     print("capture done", flush=True)
 if argv[0] == "analyze":
     run = Path(argv[1]); outdir = Path(argv[argv.index("--out") + 1]); outdir.mkdir(parents=True, exist_ok=True)
+    # RUN/fake/analysis_steps (when there) asks for that many 0.2 s steps, each logged once in
+    # RUN/fake/analysis_done; SIGUSR1 stops between steps with exit 0, like analyze/cli.py.
+    steps = run / "fake" / "analysis_steps"; done = run / "fake" / "analysis_done"
+    stop = []
+    signal.signal(signal.SIGUSR1, lambda *a: stop.append("USR1"))
+    for step in range(int(steps.read_text()) if steps.exists() else 0):
+        if done.exists() and str(step) in done.read_text().split():
+            continue
+        if stop:
+            print(f"analysis stopped early ({stop[0]})", flush=True); sys.exit(0)
+        time.sleep(0.2)
+        with open(done, "a") as fh:
+            fh.write(f"{step}\n")
     rows = [int(x) for p in sorted((run / "fake").glob("shard_*.txt")) for x in p.read_text().split()]
     (outdir / "decision.json").write_text(json.dumps({"rows": rows, "time": time.time()}))
 '''
@@ -141,6 +154,26 @@ def test_fake_array_usr1_requeue_and_dependency(slurm_cluster: SlurmCluster, fak
     for path in [run / "analysis" / "decision.json", shard1, run / "slurm" / "capture.sbatch",
                  logs / f"capture_{job}_1.out", logs / f"analysis_{record['analysis']}.out"]:
         assert path.stat().st_mode & 0o007 == 0, path
+
+
+def test_fake_analysis_usr1_requeues_and_goes_on(slurm_cluster: SlurmCluster, fake_gap: list[str],
+                                                tmp_path: Path) -> None:
+    """The analysis job gets the time-limit warning mid-way: it stops, requeues itself and the
+    restart finishes the steps left, each done exactly once."""
+    cfg = write_config(tmp_path / "c.yaml", str(tmp_path), limit=4, shards=1)
+    run = tmp_path / "run"
+    (run / "fake").mkdir(parents=True)
+    (run / "fake" / "analysis_steps").write_text("40")
+    record = submit.submit(submit.plan_submission(cfg, run, gap=fake_gap))
+    done = run / "fake" / "analysis_done"
+    wait_for(lambda: done.exists() and len(done.read_text().split()) >= 3, "the analysis to start", 90,
+             slurm_cluster)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", record["analysis"])
+    assert wait_final(slurm_cluster, record["analysis"], 1, 120) == {record["analysis"]: "COMPLETED"}
+    log = (run / "slurm" / "logs" / f"analysis_{record['analysis']}.out").read_text()
+    assert "analysis stopped early (USR1)" in log and f"requeueing {record['analysis']}" in log
+    assert sorted(map(int, done.read_text().split())) == list(range(40))  # nothing lost, nothing twice
+    assert json.loads((run / "analysis" / "decision.json").read_text())["rows"] == [0, 1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- the real gap

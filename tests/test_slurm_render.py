@@ -67,7 +67,7 @@ def test_dry_run_4gpu_profile_matches_golden(tmp_path: Path, capsys: pytest.Capt
                  "umask 027", "export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1",
                  "RUN='/scratch/alice/runs/qwen3 4gpu'", 'gap slurm probe "$CONFIG" || exit 1',
                  'gap capture "$CONFIG" --out "$RUN" --shard "$SHARD" --resume &',
-                 'gap analyze "$RUN" --out "$RUN/analysis" --workers 8', "#SBATCH --partition=cpu",
+                 'gap analyze "$RUN" --out "$RUN/analysis" --workers 8 &', "#SBATCH --partition=cpu",
                  "#SBATCH --mem=32G",
                  ("sbatch --parsable --dependency=afterok:\"$CAPTURE_ID\" --kill-on-invalid-dep=yes "
                   "'/scratch/alice/runs/qwen3 4gpu/slurm/analysis.sbatch'")]:
