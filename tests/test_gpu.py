@@ -36,6 +36,16 @@ def _cfg(path, device_map: str, **capture):
                              "data": {"name": "synthetic"}, "capture": capture})
 
 
+def _capture_with_hook(path, layer: int, hook, batch_size: int, tmp_path):
+    """Capture four samples on the GPU with ``hook`` on the MLP of decoder layer ``layer``."""
+    loaded = load_model(_cfg(path, "auto").model)
+    handle = loaded.layers()[layer].mlp.register_forward_hook(hook)
+    try:
+        return _capture(loaded, _cfg(path, "auto", batch_size=batch_size), _samples(4), tmp_path / "run")
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_capture_equals_the_cpu_forward(tiny_checkpoint, family, tmp_path):
     # Three batches of two: each batch's pinned copy overlaps the next batch's forward.
@@ -79,8 +89,6 @@ def test_cuda_interventions_equal_the_cpu_ones(tiny_checkpoint, family, tmp_path
 def test_real_out_of_memory_halves_the_batch(tiny_checkpoint, tmp_path):
     # A genuine CUDA OOM from the allocator inside the traced forward (an impossible request
     # whenever more than one row runs), so recovery runs with the copy stream and cache as they are.
-    path = tiny_checkpoint("llava", n_layers=2)
-    loaded = load_model(_cfg(path, "auto").model)
     sizes = []
 
     def greedy(module, args, output):
@@ -89,11 +97,7 @@ def test_real_out_of_memory_halves_the_batch(tiny_checkpoint, tmp_path):
             torch.empty(1 << 50, dtype=torch.uint8, device=output.device)
         return output
 
-    handle = loaded.layers()[0].mlp.register_forward_hook(greedy)
-    try:
-        stats, ds = _capture(loaded, _cfg(path, "auto", batch_size=4), _samples(4), tmp_path / "run")
-    finally:
-        handle.remove()
+    stats, ds = _capture_with_hook(tiny_checkpoint("llava", n_layers=2), 0, greedy, 4, tmp_path)
     assert sizes[:3] == [4, 2, 1]
     assert (stats.n_ok, stats.n_failed) == (4, 0)
     assert set(ds["status"].values) == {"ok"} and STATUS_OOM not in set(ds["status"].values)
@@ -101,19 +105,13 @@ def test_real_out_of_memory_halves_the_batch(tiny_checkpoint, tmp_path):
 
 
 def test_nonfinite_on_cuda_fails_only_that_sample(tiny_checkpoint, tmp_path):
-    path = tiny_checkpoint("llava", n_layers=3)  # samples of one length: no padding to poison
-    loaded = load_model(_cfg(path, "auto").model)
-
     def poison(module, args, output):
         out = output.clone()
         out[0, 1] = float("inf")  # the first row of each batch, inside layer 1
         return out
 
-    handle = loaded.layers()[1].mlp.register_forward_hook(poison)
-    try:
-        stats, ds = _capture(loaded, _cfg(path, "auto", batch_size=2), _samples(4), tmp_path / "run")
-    finally:
-        handle.remove()
+    # llava: samples of one length, so no padding to poison
+    stats, ds = _capture_with_hook(tiny_checkpoint("llava", n_layers=3), 1, poison, 2, tmp_path)
     status = ds["status"].values
     assert (status == STATUS_NONFINITE).sum() == 2 and (status == "ok").sum() == 2
     assert set(ds["nonfinite_layer"].values[status == STATUS_NONFINITE]) == {1}
