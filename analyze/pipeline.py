@@ -454,6 +454,7 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     layer_edges = np.concatenate([[0], np.cumsum(data.chunks[0])])
     groups = plan_layer_groups(data.chunks[0], d, max(data.chunks[1], default=1), memory_budget)
     visual, text = np.asarray(is_visual, bool), np.asarray(is_text, bool)
+    chunk_grid = data.to_delayed(optimize_graph=True)[:, :, 0]  # (layer chunk, token chunk)
 
     scratch = Path(scratch)
     resuming = _open_scratch(scratch, _fingerprint(data, layer_values, groups, massive_k, token_sample, ok,
@@ -481,7 +482,8 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
                 massive.append(_load_group(path, out, slice(la, lb)))
                 bar.update(len(batches))
                 continue
-            group = _GroupPass(client, data, batches, visual, text, massive_k, pooled, out, la, lb, ga, gb, bar)
+            group = _GroupPass(client, chunk_grid[ga:gb], d, batches, visual, text, massive_k, pooled, out,
+                               la, lb, bar)
             for attempt in range(2):
                 if group.run(f"{prefix}-{ga}-{attempt}"):
                     break
@@ -551,13 +553,12 @@ def _load_group(path: Path, out: GeometryResult, layers: slice) -> np.ndarray:
 class _GroupPass:
     """One pass over the tokens for the layers ``[la, lb)``: tasks, then the pooled ranks."""
 
-    def __init__(self, client: Any, data: Any, batches: list[Batch], visual: np.ndarray, text: np.ndarray,
-                 massive_k: float, pooled: np.ndarray, out: GeometryResult, la: int, lb: int,
-                 ga: int, gb: int, bar: Any) -> None:
+    def __init__(self, client: Any, chunks: np.ndarray, dim: int, batches: list[Batch], visual: np.ndarray,
+                 text: np.ndarray, massive_k: float, pooled: np.ndarray, out: GeometryResult, la: int, lb: int,
+                 bar: Any) -> None:
         self.client, self.batches, self.visual, self.text, self.k = client, batches, visual, text, massive_k
         self.pooled, self.out, self.la, self.lb, self.bar = pooled, out, la, lb, bar
-        self.chunks = data.to_delayed(optimize_graph=True)[ga:gb, :, 0]
-        self.dim = data.shape[2]
+        self.chunks, self.dim = chunks, dim  # the group's delayed chunks (layer chunk, token chunk)
         self.massive: list[np.ndarray] = []
 
     def run(self, key: str) -> bool:
