@@ -7,34 +7,8 @@ import pytest
 
 from analysis_fixtures import make_run
 from analyze.pipeline import geometry, open_client, plan_batches, plan_layer_groups, sample_runs
+from reference_metrics import ref_cka, ref_effective_rank, ref_icc
 from store import open_run
-
-
-def ref_er(x: np.ndarray) -> float:
-    if len(x) < 2:
-        return float("nan")
-    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
-    s = s[s > s.max() * 1e-9]
-    p = s / s.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def ref_icc(x: np.ndarray) -> float:
-    u = x / np.linalg.norm(x, axis=1, keepdims=True)
-    c = u @ u.T
-    return float((c.sum() - np.trace(c)) / (len(x) * (len(x) - 1)))
-
-
-def ref_cka(x: np.ndarray, y: np.ndarray) -> float:
-    def hsic(a, b):
-        n = len(a)
-        k, l = a @ a.T, b @ b.T
-        np.fill_diagonal(k, 0)
-        np.fill_diagonal(l, 0)
-        one = np.ones(n)
-        return (np.trace(k @ l) + one @ k @ one * (one @ l @ one) / ((n - 1) * (n - 2))
-                - 2 / (n - 2) * one @ k @ l @ one) / (n * (n - 3))
-    return float(hsic(x, y) / np.sqrt(hsic(x, x) * hsic(y, y)))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +50,8 @@ def test_per_sample_metrics_match_direct_computation(run, geo):
             heavy = _massive(h[li])
             for m, mask in enumerate((truth.visual[index], truth.text[index])):
                 for v, rows in enumerate((mask, mask & ~heavy)):
-                    assert geo.er_sample[pos, li, m, v] == pytest.approx(ref_er(h[li][rows]), rel=1e-4)
+                    expected = ref_effective_rank(h[li][rows])
+                    assert geo.er_sample[pos, li, m, v] == pytest.approx(expected, rel=1e-4)
                     assert geo.icc[pos, li, m, v] == pytest.approx(ref_icc(h[li][rows]), rel=1e-4, abs=1e-6)
                     assert geo.n_tokens[pos, li, m, v] == rows.sum()
     assert order  # the run has analysed samples
@@ -94,7 +69,7 @@ def test_pooled_effective_rank_is_svd_of_all_tokens(run, geo):
                         mask = mask & ~_massive(h[li].astype(np.float64))
                     rows.append(h[li][mask].astype(np.float64))
                 x = np.concatenate(rows)
-                assert geo.er_pooled[li, m, v] == pytest.approx(ref_er(x), rel=1e-4)
+                assert geo.er_pooled[li, m, v] == pytest.approx(ref_effective_rank(x), rel=1e-4)
                 assert geo.n_pooled[li, m, v] == len(x)
 
 
