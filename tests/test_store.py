@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -252,27 +254,29 @@ def test_non_run_and_unreadable_inputs(tmp_path):
         open_run(tmp_path / "missing")
 
 
-def test_read_only_path_is_one_clear_line(tmp_path):
-    target = tmp_path / "ro"
-    target.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(target)]).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
+@contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``path`` with ``options`` for the test's duration (skipped if not allowed)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]).returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)])
+
+
+def test_read_only_path_is_one_clear_line(tmp_path):
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as target:
         with pytest.raises(GapError, match="cannot write to .*read-only"):
             RunWriter(target / "run", make_spec())
         cli = subprocess.run([PY, "-m", "gap", "store", "info", str(target / "run")], capture_output=True,
                              text=True, cwd=HERE.parent)
         assert cli.returncode == 1 and len(cli.stderr.strip().splitlines()) == 1
-    finally:
-        subprocess.run(["umount", str(target)])
 
 
 def test_full_disk_keeps_committed_samples(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a small tmpfs here to fill up")
-    try:
+    with tmpfs(tmp_path / "small", "size=256k") as mnt:
         spec = make_spec("float32", hidden_size=256, n_total=200)
         run = mnt / "run"
         with pytest.raises(GapError, match="disk full"):
@@ -285,8 +289,6 @@ def test_full_disk_keeps_committed_samples(tmp_path):
             rec = make_record(int(ds.sample_index[k]), spec)
             sel = ds.hidden.isel(token=slice(int(ds.token_start[k]), int(ds.token_start[k]) + rec.n_tokens))
             np.testing.assert_array_equal(sel.values, rec.hidden)
-    finally:
-        subprocess.run(["umount", str(mnt)])
 
 
 def test_verify_finds_damage(tmp_path):
