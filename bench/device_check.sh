@@ -20,10 +20,25 @@ if [[ "${1:-}" == --download ]]; then
         "${platforms[@]}" --platform any -d .whl "${WHEELS[@]}"
     exit
 fi
+# Every step has its own time limit inside one overall budget (DEVICE_BUDGET_S, default 540 s), so
+# a hang in one step still leaves the others their figures; the log is also kept in $OUT.
+budget=${DEVICE_BUDGET_S:-540}
+exec > >(tee "${OUT:-/tmp}/device_check.log") 2>&1
+left() { echo $(( budget - SECONDS )); }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:.
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import sys, torch, transformers, nnsight, zarr; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+            'transformers', transformers.__version__, 'nnsight', nnsight.__version__, 'zarr', zarr.__version__)"
 status=0
-python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider || status=$?
-python3 -m bench.gpu_capture || status=$?
+step() {  # step SECONDS COMMAND...: run with a limit of SECONDS (or what is left, if less)
+    local limit=$(( $1 < $(left) ? $1 : $(left) )); shift
+    if (( limit < 30 )); then echo "## skipped, no time left: $*"; status=1; return; fi
+    echo "## $* (limit ${limit} s, ${SECONDS} s elapsed)"
+    timeout "$limit" "$@" || { rc=$?; echo "## exit $rc: $*"; status=1; }
+}
+step 180 python3 -m pytest -q -rs --durations=10 -m gpu tests/test_gpu.py -p no:cacheprovider
+step 200 python3 -m bench.gpu_capture --no-causal
+step 600 python3 -m bench.gpu_capture --only causal
+echo "## done in ${SECONDS} s"
 exit $status

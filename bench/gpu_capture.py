@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the GPU capture benchmark (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_capture", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script)")
-    parser.add_argument("--only", choices=("llava", "qwen3moe"), help="one shape only")
+    parser.add_argument("--only", choices=("llava", "qwen3moe", "causal"),
+                        help="one capture shape only, or only the causal sweep figure")
     parser.add_argument("--samples", type=int, default=None, help="samples per timing (default 24; smoke 4)")
     parser.add_argument("--batch-size", type=int, default=2, help="samples per forward (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions of each timing (default 3; smoke 1)")
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 measure(name, args, device, Path(tmp))
                 print(f"# {name}: {time.perf_counter() - start:.0f} s")
-    if device == "cuda" and not args.no_causal:
+    if device == "cuda" and not args.no_causal and args.only in (None, "causal"):
         from bench.bench_causal import gpu_figures
 
         for key, value in gpu_figures().items():
