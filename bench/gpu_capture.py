@@ -12,9 +12,11 @@ tokens) and a word-level tokenizer, and ~640-token samples. Then, alternating, i
 - ``plain``: the same samples encoded, collated and run through ``model(...)`` (no capture),
   before nnsight ever wraps the model;
 - ``capture``: :class:`capture.runner.CaptureRunner` writing every layer x every token to a
-  run store on local disk (nnsight trace, device gather, pinned async copy, writer thread);
-- the disk: raw ``write`` of the same number of bytes (page cache, as the store writes) and the
-  same with ``fsync`` (the sustained device speed).
+  run store on local disk (nnsight trace, device gather, pinned async copy, writer threads);
+- ``trace_only``: the same capture with ``capture.activations=false`` (nnsight trace, checks and
+  records; no gather, host copy or block write), to tell the trace's cost from the store's;
+- the disk: raw ``write`` of the same number of bytes (page cache, from as many threads as the
+  store writes with) and the same with ``fsync`` (the sustained device speed).
 
 Figures: ``gpu_capture_overhead_<m>`` = capture / plain; ``gpu_capture_vs_limit_<m>`` = capture /
 max(plain, bytes / raw write speed), the physical limit of TOOLING.md measured in the same run;
@@ -148,14 +150,19 @@ def _plain(loaded: Any, samples: list[dict[str, Any]], batch_size: int) -> tuple
     return time.perf_counter() - start, forward
 
 
-def _capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, run: Path) -> tuple[float, int, int]:
-    """Seconds to capture every layer into a fresh run (final flush included), bytes, n ok."""
+def _capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, run: Path,
+             activations: bool = True) -> tuple[float, int, int]:
+    """Seconds to capture every layer into a fresh run (final flush included), bytes, n ok.
+
+    With ``activations=False`` only the traced forward, its checks and the per-sample records
+    run: the capture's cost without the device gather, host copies and block writes.
+    """
     from capture.runner import CaptureRunner, make_spec
     from schemas.config import config_from_dict
     from store.writer import RunWriter
 
     cfg = config_from_dict({"model": {"path": loaded.info["path"], "dtype": loaded.info["dtype"]},
-                            "capture": {"batch_size": batch_size}})
+                            "capture": {"batch_size": batch_size, "activations": activations}})
     spec = make_spec(cfg, loaded, n_total=len(samples))
     writer = RunWriter(run, spec)
     runner = CaptureRunner(loaded, cfg, spec, writer)
@@ -170,24 +177,37 @@ def _capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, run: P
 
 
 def _disk(directory: Path, n_bytes: int) -> tuple[float, float]:
-    """Raw write speed (bytes/s) of ``n_bytes`` in 64 MB pieces: page cache, and with fsync."""
+    """Raw write speed (bytes/s) of ``n_bytes`` in 64 MB pieces: into the page cache from as many
+    threads as the store's writer uses (its ceiling), and from one thread with fsync (the
+    sustained device speed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
+    from store.writer import IO_THREADS
+
     piece = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
-    speeds = []
-    for sync in (False, True):
-        path = directory / f"raw{int(sync)}.bin"
-        start = time.perf_counter()
+
+    def write(path: Path, size: int, sync: bool) -> int:
         with open(path, "wb") as fh:
             written = 0
-            while written < n_bytes:
+            while written < size:
                 fh.write(piece)
                 written += len(piece)
             if sync:
                 fh.flush()
                 os.fsync(fh.fileno())
+        return written
+
+    speeds = []
+    for threads, sync in ((IO_THREADS, False), (1, True)):
+        paths = [directory / f"raw{int(sync)}_{k}.bin" for k in range(threads)]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            written = sum(pool.map(lambda p: write(p, n_bytes // threads, sync), paths))
         speeds.append(written / (time.perf_counter() - start))
-        path.unlink()
+        for path in paths:
+            path.unlink()
     return speeds[0], speeds[1]
 
 
@@ -222,6 +242,9 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
         c, written, n_ok = _capture(loaded, samples, args.batch_size, workdir / f"{name}_{rep}")
         shutil.rmtree(workdir / f"{name}_{rep}")
         capture.append(c)
+    trace_only = statistics.median(
+        _capture(loaded, samples, args.batch_size, workdir / f"{name}_trace{rep}", activations=False)[0]
+        for rep in range(args.repeats))
     cache_bw, sync_bw = _disk(workdir, written)
     p, c = statistics.median(plain), statistics.median(capture)
     limit = max(p, written / cache_bw)
@@ -232,6 +255,7 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     print(f"gpu_capture_{name}_forward_ms: {statistics.median(forward) / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_plain_ms: {p / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_capture_ms: {c / n * 1e3:.1f}")
+    print(f"gpu_capture_{name}_trace_only_ms: {trace_only / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_store_gbps: {written / c / 1e9:.2f}")
     print(f"gpu_capture_{name}_disk_gbps: {cache_bw / 1e9:.2f}")
     print(f"gpu_capture_{name}_disk_fsync_gbps: {sync_bw / 1e9:.2f}")

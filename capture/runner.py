@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ STATUS_NONFINITE = "nonfinite"
 STATUS_OOM = "oom"
 STATUS_ERROR = "error"
 
+SWITCH_INTERVAL_S = 5e-4  # while capturing (see CaptureRunner.run)
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -276,6 +278,17 @@ class CaptureRunner:
         Items are read ``window`` at a time (default ``8 x batch_size``), encoded, grouped by
         length into batches and captured; stops early when ``should_stop()`` turns True.
         """
+        # The writer's threads spend their time in system calls and must take the GIL back after
+        # each one; the Python-heavy trace holds it for up to a whole switch interval (5 ms by
+        # default) each time, enough to starve the writer of an all-layer capture.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
+        try:
+            return self._run(items, window)
+        finally:
+            sys.setswitchinterval(interval)
+
+    def _run(self, items: Iterable[Any], window: int | None) -> CaptureStats:
         from capture.prompts import length_batches
 
         start = time.perf_counter()
