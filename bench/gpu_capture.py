@@ -19,7 +19,9 @@ tokens) and a word-level tokenizer, and ~640-token samples. Then, alternating, i
   store writes with) and the same with ``fsync`` (the sustained device speed).
 
 Figures: ``gpu_capture_overhead_<m>`` = capture / plain; ``gpu_capture_vs_limit_<m>`` = capture /
-max(plain, bytes / raw write speed), the physical limit of TOOLING.md measured in the same run;
+max(plain, bytes / raw fsynced write speed), the physical limit of TOOLING.md measured in the same
+run (the store fsyncs its blocks before committing them, and a long run goes at the disk's speed
+whatever it does once the page cache is full);
 plus per-sample milliseconds and GB/s. If the MoE model does not fit, it is rebuilt with fewer
 layers and ``gpu_capture_qwen3moe_layers`` says how many. Last, ``gpu_causal_sweep_speedup``:
 the all-layer causal sweep of :func:`bench.bench_causal.gpu_figures` (``--no-causal`` skips it).
@@ -247,7 +249,7 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
         for rep in range(args.repeats))
     cache_bw, sync_bw = _disk(workdir, written)
     p, c = statistics.median(plain), statistics.median(capture)
-    limit = max(p, written / cache_bw)
+    limit = max(p, written / sync_bw)
     n = len(samples)
     print(f"# {name}: {loaded.n_layers} layers x hidden {loaded.hidden_size}, {n} samples, "
           f"batch {args.batch_size}, {n_ok} ok, {written / n / 1e6:.0f} MB per sample")

@@ -425,8 +425,10 @@ class CaptureRunner:
         for i, s in enumerate(batch.samples):
             mask[i, batch.token_slice(i)] = torch.from_numpy(s.is_answer)
         ids = batch.inputs["input_ids"].to(logits.device)
-        # onto the input device: the async copy runs on that device's copy stream
-        return answer_logprob(logits, ids, mask.to(logits.device)).to(self.device)
+        # The mask stays on the host: the answer positions are found there, so nothing here waits
+        # for the forward and the previous batch's records are built while the GPU still runs.
+        # The result goes onto the input device, whose copy stream brings it to the host.
+        return answer_logprob(logits, ids, mask).to(self.device)
 
     def _to_float16(self, packed: torch.Tensor, starts: list[int], lengths: list[int]) -> tuple:
         import torch
