@@ -23,19 +23,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
 
-def on_device(index: "torch.Tensor", device: "torch.device") -> "torch.Tensor":
-    """``index`` moved to ``device`` without waiting for the GPU to finish its queued work.
-
-    A plain host-to-GPU copy from pageable memory waits for the whole stream, which in the
-    capture loop would stall the CPU until the forward ends; via pinned memory the copy is queued.
-    """
-    if index.device == device:
-        return index
-    if index.device.type == "cpu" and device.type == "cuda":
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
-
-
 def predicting_positions(is_answer: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
     """Rows and positions whose logits predict an answer token.
 
@@ -128,7 +115,7 @@ def answer_token_logprobs(logits: "torch.Tensor", input_ids: "torch.Tensor",
     >>> answer_token_logprobs(logits, torch.tensor([[2, 1, 3]]), torch.tensor([[False, True, True]])).tolist()
     [0.0, 0.0]
     """
-    rows, pos = (on_device(t, logits.device) for t in predicting_positions(is_answer))
+    rows, pos = predicting_positions(is_answer)
     targets = input_ids[rows, pos + 1]
     return gathered_logprobs(logits[rows, pos], targets)
 
@@ -161,11 +148,11 @@ def answer_logprob(logits: "torch.Tensor", input_ids: "torch.Tensor", is_answer:
     """
     import torch
 
-    rows = on_device(predicting_positions(is_answer)[0], logits.device)
+    rows, _ = predicting_positions(is_answer)
     per_token = answer_token_logprobs(logits, input_ids, is_answer)
     n_rows = input_ids.shape[0] if input_ids.dim() == 2 else 1
     total = torch.zeros(n_rows, dtype=torch.float64, device=per_token.device)
-    total.index_add_(0, rows, per_token)
+    total.index_add_(0, rows.to(per_token.device), per_token)
     has = torch.zeros(n_rows, dtype=torch.bool, device=per_token.device)
-    has[rows] = True
+    has[rows.to(per_token.device)] = True
     return torch.where(has, total, torch.full_like(total, float("nan")))

@@ -178,7 +178,10 @@ def _background(command: str, on_term: str) -> list[str]:
             "child=$!",
             'wait "$child"; rc=$?',
             "# wait returns early (> 128) when a trapped signal arrives; wait again for the exit status",
-            'while [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done']
+            'while [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done',
+            "# a child that ended while the trap ran: collect its status now; bash may have lost it",
+            "# (it then says -1), which counts as a clean stop: the restart finishes what is left",
+            'if [ "$stopped" -eq 1 ] && [ "$rc" -gt 128 ]; then wait "$child"; rc=$?; [ "$rc" -ge 0 ] || rc=0; fi']
 
 
 def _job_name(kind: str, run_dir: str) -> str:

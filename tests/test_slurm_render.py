@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -454,3 +455,22 @@ def test_cli_help_lists_the_subcommands(capsys: pytest.CaptureFixture) -> None:
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert all(word in out for word in ("submit", "status", "probe", "resubmits only the shards"))
+
+
+@pytest.mark.parametrize("child, expected", [
+    # ends while the shell runs its USR1 trap: its own status, or 0 where bash lost it (never 138)
+    ('trap "" USR1; kill -USR1 $PPID; exit 3', {(3, 1), (0, 1)}),
+    # stops cleanly on the warning it was passed
+    ('trap "exit 0" USR1; kill -USR1 $PPID; sleep 5 & wait', {(0, 1)}),
+    ('trap "" USR1; kill -USR1 $PPID; sleep 0.3; exit 4', {(4, 1)}),
+    ("exit 5", {(5, 0)}),
+    ("kill -KILL $$", {(137, 0)}),
+])
+def test_background_child_status_survives_the_warning(child, expected):
+    # The job scripts' wrapper: `rc` must be the child's status whenever the time-limit warning
+    # (SIGUSR1) lands; a child ending inside the trap used to leave rc=138 and fail the task.
+    lines = render._background(f"bash -c {shlex.quote(child)}", "TERM")
+    script = "\n".join([*lines, 'echo "$rc $stopped"'])
+    for _ in range(3):
+        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=20).stdout
+        assert tuple(int(x) for x in out.split()) in expected, out
