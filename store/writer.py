@@ -421,13 +421,13 @@ class RunWriter:
             self.bytes_written += sum(len(p) for p in pieces)
         files.append((self.dir / layout.TOKENS / layout.tokens_chunk_key(block_index),
                       tokens.astype("<i4").tobytes()))
-        while len(self._io_pending) >= IO_THREADS:
-            self._io_pending.popleft().result()
+        self._drain_io(leave=IO_THREADS - 1)
         self._io_pending.append(self._io.submit(_write_files, files))
 
-    def _drain_io(self) -> None:
-        """Wait for every block handed to the I/O threads; re-raise the first failure."""
-        while self._io_pending:
+    def _drain_io(self, leave: int = 0) -> None:
+        """Wait for the oldest blocks handed to the I/O threads until at most ``leave`` are in
+        flight; re-raise the first failure."""
+        while len(self._io_pending) > leave:
             self._io_pending.popleft().result()
 
     def _commit(self, samples: list[dict[str, Any]], pending: list, state: dict[str, Any]) -> None:
