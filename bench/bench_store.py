@@ -3,7 +3,9 @@
 Workload: bf16 activations of the Qwen3-VL-30B-A3B shape (48 layers x ~700 tokens x 2048), as the
 capture loop hands them over (uint16 bit patterns), written through RunWriter's background thread.
 The raw reference writes the same arrays with ``np.save`` (one file per sample) and reads them back
-with ``np.load``.  Both land in the page cache; neither is fsynced.
+with ``np.load``.  The store fsyncs every block file before committing it (committed samples
+survive a node crash); the raw files are left in the page cache, so the write ratio is a
+conservative one.
 """
 
 from __future__ import annotations

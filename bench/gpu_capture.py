@@ -15,6 +15,8 @@ tokens) and a word-level tokenizer, and ~640-token samples. Then, alternating, i
   run store on local disk (nnsight trace, device gather, pinned async copy, writer threads);
 - ``trace_only``: the same capture with ``capture.activations=false`` (nnsight trace, checks and
   records; no gather, host copy or block write), to tell the trace's cost from the store's;
+- ``memfs``: the capture again with the run store on ``/dev/shm`` (RAM, where fsync costs
+  nothing): the tool's own overhead when storage keeps up, as a fast parallel filesystem would;
 - the disk: raw ``write`` of the same number of bytes (page cache, from as many threads as the
   store writes with) and the same with ``fsync`` (the sustained device speed).
 
@@ -22,7 +24,8 @@ Figures: ``gpu_capture_overhead_<m>`` = capture / plain; ``gpu_capture_vs_limit_
 max(plain, bytes / raw fsynced write speed), the physical limit of TOOLING.md measured in the same
 run (the store fsyncs its blocks before committing them, and a long run goes at the disk's speed
 whatever it does once the page cache is full);
-plus per-sample milliseconds and GB/s. If the MoE model does not fit, it is rebuilt with fewer
+``gpu_capture_overhead_<m>_memfs`` = memfs / plain; plus per-sample milliseconds, GB/s and the
+time the loop waited for the store (``RunWriter.wait_seconds``). If the MoE model does not fit, it is rebuilt with fewer
 layers and ``gpu_capture_qwen3moe_layers`` says how many. Last, ``gpu_causal_sweep_speedup``:
 the all-layer causal sweep of :func:`bench.bench_causal.gpu_figures` (``--no-causal`` skips it).
 """
@@ -153,8 +156,9 @@ def _plain(loaded: Any, samples: list[dict[str, Any]], batch_size: int) -> tuple
 
 
 def _capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, run: Path,
-             activations: bool = True) -> tuple[float, int, int]:
-    """Seconds to capture every layer into a fresh run (final flush included), bytes, n ok.
+             activations: bool = True) -> tuple[float, int, int, float]:
+    """Seconds to capture every layer into a fresh run (final flush included), bytes, n ok, and
+    the seconds of it the loop waited for the store.
 
     With ``activations=False`` only the traced forward, its checks and the per-sample records
     run: the capture's cost without the device gather, host copies and block writes.
@@ -175,7 +179,7 @@ def _capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, run: P
         _sync(loaded)
     finally:
         writer.close()
-    return time.perf_counter() - start, writer.bytes_written, stats.n_ok
+    return time.perf_counter() - start, writer.bytes_written, stats.n_ok, writer.wait_seconds
 
 
 def _disk(directory: Path, n_bytes: int) -> tuple[float, float]:
@@ -213,6 +217,19 @@ def _disk(directory: Path, n_bytes: int) -> tuple[float, float]:
     return speeds[0], speeds[1]
 
 
+MEMFS = Path("/dev/shm")
+
+
+def _memfs_fits(n_bytes: int) -> bool:
+    """Whether a RAM filesystem is there with ``n_bytes`` free."""
+    import shutil
+
+    try:
+        return MEMFS.is_dir() and os.access(MEMFS, os.W_OK) and shutil.disk_usage(MEMFS).free >= n_bytes
+    except OSError:
+        return False
+
+
 def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> None:
     """Build one shape, time plain then capture, print its figures."""
     import shutil
@@ -238,12 +255,21 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     _plain(loaded, warm, args.batch_size)
     plain, forward = zip(*[_plain(loaded, samples, args.batch_size) for _ in range(args.repeats)])
     _capture(loaded, warm, args.batch_size, workdir / f"{name}_warm")
-    capture = []
-    written = n_ok = 0
-    for rep in range(args.repeats):
-        c, written, n_ok = _capture(loaded, samples, args.batch_size, workdir / f"{name}_{rep}")
-        shutil.rmtree(workdir / f"{name}_{rep}")
-        capture.append(c)
+
+    def captures(directory: Path, tag: str) -> list[tuple[float, int, int, float]]:
+        out = []
+        for rep in range(args.repeats):
+            out.append(_capture(loaded, samples, args.batch_size, directory / f"{name}_{tag}{rep}"))
+            shutil.rmtree(directory / f"{name}_{tag}{rep}")
+        return out
+
+    disk_runs = captures(workdir, "disk")
+    capture, wait = [r[0] for r in disk_runs], [r[3] for r in disk_runs]
+    written, n_ok = disk_runs[-1][1], disk_runs[-1][2]
+    memfs = None
+    if _memfs_fits(3 * written):
+        with tempfile.TemporaryDirectory(dir=MEMFS) as shm:
+            memfs = statistics.median(r[0] for r in captures(Path(shm), "memfs"))
     trace_only = statistics.median(
         _capture(loaded, samples, args.batch_size, workdir / f"{name}_trace{rep}", activations=False)[0]
         for rep in range(args.repeats))
@@ -258,11 +284,18 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     print(f"gpu_capture_{name}_plain_ms: {p / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_capture_ms: {c / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_trace_only_ms: {trace_only / n * 1e3:.1f}")
+    print(f"gpu_capture_{name}_wait_for_store_ms: {statistics.median(wait) / n * 1e3:.1f}")
+    if memfs is not None:
+        print(f"gpu_capture_{name}_memfs_ms: {memfs / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_store_gbps: {written / c / 1e9:.2f}")
     print(f"gpu_capture_{name}_disk_gbps: {cache_bw / 1e9:.2f}")
     print(f"gpu_capture_{name}_disk_fsync_gbps: {sync_bw / 1e9:.2f}")
     print(f"gpu_capture_vs_limit_{name}: {c / limit:.3f}")
     print(f"gpu_capture_overhead_{name}: {c / p:.3f}")
+    if memfs is not None:
+        print(f"gpu_capture_overhead_{name}_memfs: {memfs / p:.3f}")
+    else:
+        print(f"# {name}: no room on {MEMFS} for the memfs figure")
     del loaded
     gc.collect()
     if device == "cuda":
@@ -275,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script)")
     parser.add_argument("--only", choices=("llava", "qwen3moe", "causal"),
                         help="one capture shape only, or only the causal sweep figure")
-    parser.add_argument("--samples", type=int, default=None, help="samples per timing (default 24; smoke 4)")
+    parser.add_argument("--samples", type=int, default=None, help="samples per timing (default 48; smoke 4)")
     parser.add_argument("--batch-size", type=int, default=2, help="samples per forward (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions of each timing (default 3; smoke 1)")
     parser.add_argument("--workdir", default=None, help="directory for the run stores (default: a temp dir)")
@@ -284,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    args.samples = args.samples or (4 if args.smoke else 24)
+    args.samples = args.samples or (4 if args.smoke else 48)
     args.repeats = args.repeats or (1 if args.smoke else 3)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():

@@ -20,6 +20,9 @@ from schemas.errors import GapError
 
 log = logging.getLogger("gap.capture")
 
+# Above this share of the run spent waiting for the store, the summary calls the run disk-bound.
+DISK_BOUND_SHARE = 0.25
+
 DESCRIPTION = """Run the configured model over the configured dataset and write a run store.
 
 With --shard I/N this process captures rows I, I+N, I+2N, ... of the selection (one Slurm array
@@ -118,6 +121,24 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes / 1e3:.1f} kB"
 
 
+def _store_line(n_bytes: int, elapsed: float, wait: float) -> str:
+    """What the store took and how long the model waited for it (the sign of a disk-bound run).
+
+    >>> _store_line(int(6e9), 10.0, 1.0)
+    'store: 6.00 GB written, 0.60 GB/s; the model waited for it 10% of the time'
+    >>> _store_line(int(6e9), 10.0, 6.0)  # doctest: +NORMALIZE_WHITESPACE
+    'store: 6.00 GB written, 0.60 GB/s; the model waited for it 60% of the time: disk-bound,
+     choose fewer capture.layers / capture.tokens or a faster filesystem to go faster'
+    """
+    share = wait / max(elapsed, 1e-9)
+    line = (f"store: {_size(n_bytes)} written, {n_bytes / max(elapsed, 1e-9) / 1e9:.2f} GB/s; "
+            f"the model waited for it {share:.0%} of the time")
+    if share >= DISK_BOUND_SHARE:
+        line += (": disk-bound, choose fewer capture.layers / capture.tokens or a faster filesystem "
+                 "to go faster")
+    return line
+
+
 def _shard_status(run: Path, shard: int, n_shards: int) -> dict[str, int]:
     from store.reader import read_run
 
@@ -176,7 +197,9 @@ def main(argv: list[str]) -> int:
     bad = {k: v for k, v in counts.items() if k not in ("ok", STATUS_DATA)}
     print(f"gap capture: {stats.n_ok} ok, {stats.n_failed} failed this run "
           f"({', '.join(f'{k} {v}' for k, v in sorted(stats.failures.items())) or 'none'}); "
-          f"{stats.n_tokens} tokens, {_size(writer.bytes_written)} written in {elapsed:.0f} s")
+          f"{stats.n_tokens} tokens in {elapsed:.0f} s")
+    if writer.bytes_written:
+        print(f"gap capture: {_store_line(writer.bytes_written, elapsed, writer.wait_seconds)}")
     print(f"gap capture: shard {shard}/{n_shards} holds {sum(counts.values())} of {len(rows)} samples: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for line in stats.first_errors:

@@ -199,6 +199,8 @@ class RunWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self.bytes_written = 0
+        # seconds the producer was held up by the store: put() on a full queue, close()'s flush
+        self.wait_seconds = 0.0
         self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix=f"gap-io-{self.shard}")
         self._io_pending: deque[Future] = deque()
         self._thread = threading.Thread(target=self._consume, name=f"gap-writer-{self.shard}", daemon=True)
@@ -218,18 +220,24 @@ class RunWriter:
         """Queue one record for writing (blocks while the queue is full)."""
         self._raise_if_failed()
         item = self._prepare(record)
-        while True:
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                self._raise_if_failed()
+        start = time.perf_counter()
+        try:
+            while True:
+                try:
+                    self._queue.put(item, timeout=0.5)
+                    return
+                except queue.Full:
+                    self._raise_if_failed()
+        finally:
+            self.wait_seconds += time.perf_counter() - start
 
     def close(self) -> None:
         """Flush, commit what is pending, stop the thread, release the lock; re-raise its error."""
         if self._thread.is_alive():
+            start = time.perf_counter()
             self._queue.put(None)
             self._thread.join()
+            self.wait_seconds += time.perf_counter() - start
         try:
             self._raise_if_failed()
         finally:

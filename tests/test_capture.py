@@ -307,7 +307,9 @@ def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch
             signal.signal(s, handler)
     ds = open_run(tmp_path / "run")
     assert sorted(ds["sample_index"].values.tolist()) == list(range(6))
-    assert f"{6 - first} of 6 samples to do" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{6 - first} of 6 samples to do" in out
+    assert "gap capture: store: " in out and "the model waited for it " in out
 
 
 def test_layer_subset_and_float16_storage(tiny_checkpoint, tmp_path):

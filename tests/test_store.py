@@ -409,3 +409,30 @@ def test_commit_line_follows_its_blocks_written_on_io_threads(tmp_path, monkeypa
             commits += 1
             assert set(range(value // spec.block_tokens)) <= written, (value, sorted(written))
     assert commits > 3 and verify_run(tmp_path / "run") == []
+
+
+def test_wait_seconds_is_the_time_the_producer_was_held_up_by_the_store(tmp_path, monkeypatch):
+    # A slow disk holds a fast producer up for nearly the whole run (full queue, final flush);
+    # a slow producer beside a fast disk is hardly held up at all.
+    import store.writer as writer_module
+
+    real_files = writer_module._write_files
+    spec = make_spec(n_total=12)
+    records = [make_record(i, spec) for i in range(12)]
+
+    def timed(run, slow_disk: bool, producer_sleep: float) -> tuple[float, float]:
+        monkeypatch.setattr(writer_module, "_write_files",
+                            (lambda files: (time.sleep(0.05), real_files(files))) if slow_disk else real_files)
+        start = time.perf_counter()
+        with RunWriter(run, spec) as w:
+            for r in records:
+                w.put(r)
+                time.sleep(producer_sleep)
+        return w.wait_seconds, time.perf_counter() - start
+
+    n_blocks = -(-sum(r.n_tokens for r in records) // spec.block_tokens)
+    wait, wall = timed(tmp_path / "slow_disk", slow_disk=True, producer_sleep=0.0)
+    assert wall >= 0.05 * n_blocks / writer_module.IO_THREADS
+    assert wait >= 0.9 * wall
+    wait, wall = timed(tmp_path / "slow_producer", slow_disk=False, producer_sleep=0.05)
+    assert wall >= 0.05 * len(records) and wait <= 0.25 * wall
