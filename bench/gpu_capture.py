@@ -17,6 +17,7 @@ tokens) and a word-level tokenizer, and ~640-token samples. Then, alternating, i
   records; no gather, host copy or block write), to tell the trace's cost from the store's;
 - ``memfs``: the capture again with the run store on ``/dev/shm`` (RAM, where fsync costs
   nothing): the tool's own overhead when storage keeps up, as a fast parallel filesystem would;
+  then once each with 2, 4 and 8 I/O threads (how many such a store can use);
 - the disk: raw ``write`` of the same number of bytes (page cache, from as many threads as the
   store writes with) and the same with ``fsync`` (the sustained device speed).
 
@@ -33,13 +34,14 @@ the all-layer causal sweep of :func:`bench.bench_causal.gpu_figures` (``--no-cau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 WORDS = ["what", "is", "the", "value", "of", "the", "red", "bar", "in", "the", "chart", "and",
          "how", "many", "square", "are", "there", "on", "the", "left", "top", "which", "colour",
@@ -230,11 +232,25 @@ def _memfs_fits(n_bytes: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _io_threads(threads: int) -> Iterator[None]:
+    """The store's writers use ``threads`` I/O threads inside the block."""
+    import store.writer
+
+    default, store.writer.IO_THREADS = store.writer.IO_THREADS, threads
+    try:
+        yield
+    finally:
+        store.writer.IO_THREADS = default
+
+
 def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> None:
     """Build one shape, time plain then capture, print its figures."""
     import shutil
 
     import torch
+
+    import store.writer
 
     layers = None
     while True:
@@ -256,9 +272,9 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     plain, forward = zip(*[_plain(loaded, samples, args.batch_size) for _ in range(args.repeats)])
     _capture(loaded, warm, args.batch_size, workdir / f"{name}_warm")
 
-    def captures(directory: Path, tag: str) -> list[tuple[float, int, int, float]]:
+    def captures(directory: Path, tag: str, repeats: int = args.repeats) -> list[tuple[float, int, int, float]]:
         out = []
-        for rep in range(args.repeats):
+        for rep in range(repeats):
             out.append(_capture(loaded, samples, args.batch_size, directory / f"{name}_{tag}{rep}"))
             shutil.rmtree(directory / f"{name}_{tag}{rep}")
         return out
@@ -266,10 +282,13 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     disk_runs = captures(workdir, "disk")
     capture, wait = [r[0] for r in disk_runs], [r[3] for r in disk_runs]
     written, n_ok = disk_runs[-1][1], disk_runs[-1][2]
-    memfs = None
+    memfs, memfs_by_threads = None, {}
     if _memfs_fits(3 * written):
         with tempfile.TemporaryDirectory(dir=MEMFS) as shm:
             memfs = statistics.median(r[0] for r in captures(Path(shm), "memfs"))
+            for threads in (2, 4, 8):  # how many I/O threads a store that keeps up can use
+                with _io_threads(threads):
+                    memfs_by_threads[threads] = captures(Path(shm), f"memfs{threads}t", repeats=1)[0][0]
     trace_only = statistics.median(
         _capture(loaded, samples, args.batch_size, workdir / f"{name}_trace{rep}", activations=False)[0]
         for rep in range(args.repeats))
@@ -287,6 +306,8 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     print(f"gpu_capture_{name}_wait_for_store_ms: {statistics.median(wait) / n * 1e3:.1f}")
     if memfs is not None:
         print(f"gpu_capture_{name}_memfs_ms: {memfs / n * 1e3:.1f}")
+        print(f"# {name}: memfs ms/sample by I/O threads (default {store.writer.IO_THREADS}): "
+              + ", ".join(f"{k}: {v / n * 1e3:.1f}" for k, v in memfs_by_threads.items()))
     print(f"gpu_capture_{name}_store_gbps: {written / c / 1e9:.2f}")
     print(f"gpu_capture_{name}_disk_gbps: {cache_bw / 1e9:.2f}")
     print(f"gpu_capture_{name}_disk_fsync_gbps: {sync_bw / 1e9:.2f}")
