@@ -3,7 +3,8 @@
 Exit codes: 0 when every sample of the shard is ``ok`` or failed for a data reason (bad image,
 ...), also after a stop requested by SIGTERM/SIGUSR1 once the committed work is consistent;
 1 when samples failed for other reasons (NaN/inf, out of memory, an intervention error) or on a
-user-facing error (one line).
+user-facing error (one line).  Those failures stay in the store until ``--resume --retry-failed``
+captures them again (after lowering ``capture.batch_size``, on a larger GPU, ...).
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ DISK_BOUND_SHARE = 0.25
 DESCRIPTION = """Run the configured model over the configured dataset and write a run store.
 
 With --shard I/N this process captures rows I, I+N, I+2N, ... of the selection (one Slurm array
-task per shard); --resume continues a shard that was stopped, skipping committed samples.
+task per shard); --resume continues a shard that was stopped, skipping committed samples, and
+--retry-failed with it also redoes the samples that failed for a non-data reason (out of memory,
+NaN/inf, an intervention error), whose new records replace the failed ones.
 SIGTERM or SIGUSR1 (Slurm sends them before the time limit) stop after the current batch; the
 committed samples stay valid and a rerun with --resume finishes the shard."""
 
 EXAMPLES = """examples:
   gap capture configs/qwen3.yaml --out runs/r1
   gap capture configs/qwen3.yaml --out runs/r1 --set data.limit=20 --set capture.layers=[0,12,24]
-  gap capture configs/qwen3.yaml --out runs/r1 --shard 2/4 --resume"""
+  gap capture configs/qwen3.yaml --out runs/r1 --shard 2/4 --resume
+  gap capture configs/qwen3.yaml --out runs/r1 --resume --retry-failed --set capture.batch_size=1"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config key, VALUE parsed as YAML (repeatable)")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="capture shard I of N (0-based; default 0/1)")
     p.add_argument("--resume", action="store_true", help="continue a shard that already has committed samples")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: capture again the samples that failed for a non-data reason "
+                        "(oom, nonfinite, error)")
     p.add_argument("--padding-side", choices=("right", "left"), default="right",
                    help="padding of batched prompts (results do not depend on it; default right)")
     p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
@@ -156,8 +163,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from schemas.config import load_config
-    from schemas.run import parse_shard, shard_indices
+    from schemas.run import STATUS_OK, parse_shard, shard_indices
 
+    if args.retry_failed and not args.resume:
+        raise GapError("--retry-failed goes with --resume (it redoes failed samples of an existing shard)")
     cfg = load_config(args.config, args.overrides)
     try:
         shard, n_shards = parse_shard(args.shard)
@@ -180,10 +189,13 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     with RunWriter(out, spec, shard=(shard, n_shards), resume=args.resume) as writer:
-        todo = [r for r in rows if r not in writer.committed]
+        retry = {r for r, status in writer.committed_status.items()
+                 if args.retry_failed and status not in (STATUS_OK, STATUS_DATA)}
+        todo = [r for r in rows if r not in writer.committed or r in retry]
         device = _device_line(loaded, cfg.model.device_map)
         print(f"gap capture: {loaded.info['family']} ({loaded.n_layers} layers) on {device}; "
-              f"shard {shard}/{n_shards}: {len(todo)} of {len(rows)} samples to do -> {out}")
+              f"shard {shard}/{n_shards}: {len(todo)} of {len(rows)} samples to do"
+              f"{f' ({len(retry)} failed ones again)' if retry else ''} -> {out}")
         if spec.layers and todo:
             print(f"gap capture: {_estimate(loaded, spec, dataset, todo)}")
         with tqdm(total=len(todo), unit="sample", disable=args.no_progress or None, dynamic_ncols=True) as bar:
@@ -209,7 +221,8 @@ def main(argv: list[str]) -> int:
               f"({stop.signal or 'stop requested'}; the committed samples are consistent)")
         return 0
     if bad:
-        print(f"gap capture: {sum(bad.values())} samples failed for non-data reasons", file=sys.stderr)
+        print(f"gap capture: {sum(bad.values())} samples failed for non-data reasons; rerun with "
+              "--resume --retry-failed to capture them again", file=sys.stderr)
         return 1
     return 0
 

@@ -111,11 +111,16 @@ def verify_run(run: str | Path) -> list[str]:
                                 "are inconsistent")
             expected_start = c["end"]
             for s in c["samples"]:
-                owners[s["index"]] += 1
                 if s["index"] % part.n_shards != part.shard:
                     problems.append(f"{name}: sample {s['sample_id']} belongs to another shard")
                 if s["n_tokens"] and not c["start"] <= s["offset"] <= s["offset"] + s["n_tokens"] <= c["stop"]:
                     problems.append(f"{name}: sample {s['sample_id']} lies outside its segment")
+        latest = {id(s) for s in part.samples}
+        owners.update(s["index"] for s in part.samples)
+        for s in part.records:  # only a failed record (no tokens) may be replaced by a retry
+            if id(s) not in latest and (s["status"] == STATUS_OK or s["n_tokens"]):
+                problems.append(f"{name}: sample {s['sample_id']} was committed again after an ok record "
+                                "(duplicated sample)")
         n_blocks = part.end // block
         arrays = [(layout.TOKENS, 0, layout.tokens_metadata(part.end, block))]
         if n_layers:
@@ -178,7 +183,7 @@ def _check_token_owners(part: PartState, block: int) -> list[str]:
     except Exception as exc:  # a damaged chunk must not hide the rest of the report
         return [f"{part.path.name}/tokens: unreadable ({exc.__class__.__name__})"]
     problems = []
-    for s in part.samples:
+    for s in part.records:
         if s["n_tokens"]:
             owner = table[s["offset"]: s["offset"] + s["n_tokens"], 3]
             if not np.all(owner == s["index"]):

@@ -15,7 +15,9 @@ Tokens of a part are appended in *segments*.  A segment starts at a block bounda
 token extent of one hidden shard), its blocks are written whole (so no shard file holding committed
 data is ever rewritten), and it becomes visible only when its line is appended to
 ``commits.jsonl`` (the commit marker, written last).  Tokens between a segment's ``stop`` and its
-block-aligned ``end`` are padding and never appear in the xarray view.
+block-aligned ``end`` are padding and never appear in the xarray view.  A sample that failed
+(no tokens) may be committed again by a later segment (``gap capture --resume --retry-failed``);
+its latest record is the one that counts.
 
 Everything here is pure: no threads, no locks.
 """
@@ -286,6 +288,23 @@ def parse_commit_log(text: str) -> tuple[list[dict[str, Any]], int]:
             break
         good += len(line.encode())
     return commits, good
+
+
+def latest_samples(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each sample's latest committed record, in the order of those records (a retried sample's
+    new record replaces its failed one).
+
+    >>> log = [{"samples": [{"index": 0, "status": "oom"}, {"index": 1, "status": "ok"}]},
+    ...        {"samples": [{"index": 0, "status": "ok"}]}]
+    >>> [(s["index"], s["status"]) for s in latest_samples(log)]
+    [(1, 'ok'), (0, 'ok')]
+    """
+    latest: dict[int, dict[str, Any]] = {}
+    for commit in commits:
+        for sample in commit["samples"]:
+            latest.pop(sample["index"], None)
+            latest[sample["index"]] = sample
+    return list(latest.values())
 
 
 def encode_commit(commit: dict[str, Any]) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,14 @@ class PartState:
     file_bytes: int  # size of commits.jsonl (larger: a torn last line)
 
     @property
-    def samples(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
+        """Every committed sample record, a retried sample's earlier failed ones included."""
         return [s for c in self.commits for s in c["samples"]]
+
+    @cached_property
+    def samples(self) -> list[dict[str, Any]]:
+        """Each sample's latest committed record (see :func:`store.layout.latest_samples`)."""
+        return layout.latest_samples(self.commits)
 
     @property
     def end(self) -> int:

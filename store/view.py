@@ -25,7 +25,8 @@ RECORD_FIELDS = ("sample_id", "question", "answer", "subset", "status", "error",
 
 
 def committed_samples(state: RunState) -> list[tuple[PartState, dict[str, Any]]]:
-    """Every committed sample once, ordered by ``index`` (a duplicate keeps its first copy)."""
+    """Every committed sample once, ordered by ``index``: its latest record in its part (a retried
+    sample's new record replaces the failed one); a sample in two parts keeps its first part's."""
     seen: dict[int, tuple[PartState, dict[str, Any]]] = {}
     for part in state.parts:
         for meta in part.samples:

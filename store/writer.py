@@ -203,7 +203,9 @@ class RunWriter:
         layout.create_json_exclusive(self.dir / "zarr.json", layout.group_metadata(
             {"gap": {"shard": self.shard, "n_shards": self.n_shards}}))
         commits = self._recover(resume)
-        self.committed: set[int] = {s["index"] for c in commits for s in c["samples"]}
+        # each committed sample's latest status: a failed one may be captured again (a retry)
+        self.committed_status: dict[int, str] = {s["index"]: s["status"] for s in layout.latest_samples(commits)}
+        self.committed: set[int] = set(self.committed_status)
         self.n_committed_segments = len(commits)
         self._cursor = commits[-1]["end"] if commits else 0  # next block-aligned token offset
         self._ensure_arrays()
@@ -228,8 +230,13 @@ class RunWriter:
         return {s["index"] for c in commits for s in c["samples"]}
 
     def put(self, record: SampleRecord) -> None:
-        """Queue one record for writing (blocks while the queue is full)."""
+        """Queue one record for writing (blocks while the queue is full).
+
+        A sample already committed may come again only if its committed record failed (a retry).
+        """
         self._raise_if_failed()
+        if self.committed_status.get(record.index) == STATUS_OK:
+            raise ValueError(f"sample {record.sample_id} is already committed (ok) in {self.dir}")
         item = self._prepare(record)
         start = time.perf_counter()
         try:
@@ -465,6 +472,7 @@ class RunWriter:
             os.fsync(fh.fileno())
         self.n_committed_segments += 1
         self.committed.update(s["index"] for s in samples)
+        self.committed_status.update((s["index"], s["status"]) for s in samples)
         state.update(start=end, filled=end, t0=time.monotonic())
         log.debug("committed segment %d (%d samples) of %s", commit["segment"], len(samples), self.dir)
 

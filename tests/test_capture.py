@@ -312,6 +312,57 @@ def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch
     assert "gap capture: store: " in out and "the model waited for it " in out
 
 
+def test_retry_failed_recaptures_non_data_failures(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    # A sample that ran out of memory alone stays failed on a plain --resume; --retry-failed
+    # captures it again, its new record replaces the failed one, and the run is whole.
+    import yaml
+
+    from capture import cli
+    from store.inspect import run_info, verify_run
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": str(path), "dtype": "float32"},
+                                      "data": {"name": "synthetic", "limit": 5},
+                                      "capture": {"batch_size": 2}}))
+    original = CaptureRunner._forward
+
+    def oom_with_sample_2(self, batch_samples):
+        if any(s.meta["index"] == 2 for s in batch_samples):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return original(self, batch_samples)
+
+    monkeypatch.setattr(CaptureRunner, "_forward", oom_with_sample_2)
+    run = tmp_path / "run"
+    assert cli.main([str(config), "--out", str(run), "--no-progress"]) == 1
+    assert "--resume --retry-failed" in capsys.readouterr().err
+    monkeypatch.setattr(CaptureRunner, "_forward", original)
+    assert cli.main([str(config), "--out", str(run), "--resume", "--no-progress"]) == 1  # not retried
+    assert "0 of 5 samples to do" in capsys.readouterr().out
+    assert cli.main([str(config), "--out", str(run), "--resume", "--retry-failed", "--no-progress"]) == 0
+    assert "1 of 5 samples to do (1 failed ones again)" in capsys.readouterr().out
+    assert verify_run(run) == []
+    assert (run_info(run)["ok"], run_info(run)["failed"]) == (5, 0)
+    fresh = tmp_path / "fresh"
+    assert cli.main([str(config), "--out", str(fresh), "--no-progress"]) == 0
+    ds, ref = open_run(run), open_run(fresh)
+    assert list(ds["status"].values) == ["ok"] * 5 and ds.sizes["token"] == ref.sizes["token"]
+    # float32 states; the retried sample ran alone, in the fresh run inside a padded batch
+    np.testing.assert_allclose(ds["hidden"].values, ref["hidden"].values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ds["input_ids"].values, ref["input_ids"].values)
+
+
+def test_writer_refuses_a_sample_committed_ok(tmp_path):
+    from tests.storekit import make_record, make_spec as store_spec
+
+    spec = store_spec(n_total=2)
+    with RunWriter(tmp_path / "run", spec) as w:
+        w.put(make_record(0, spec))
+    with RunWriter(tmp_path / "run", spec, resume=True) as w:
+        with pytest.raises(ValueError, match="toy/test/0 is already committed"):
+            w.put(make_record(0, spec))
+
+
 def test_layer_subset_and_float16_storage(tiny_checkpoint, tmp_path):
     path = tiny_checkpoint("qwen3_vl", n_layers=3)
     loaded = load_model(_cfg(path).model)

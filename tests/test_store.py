@@ -436,3 +436,30 @@ def test_wait_seconds_is_the_time_the_producer_was_held_up_by_the_store(tmp_path
     assert wait >= 0.9 * wall
     wait, wall = timed(tmp_path / "slow_producer", slow_disk=False, producer_sleep=0.05)
     assert wall >= 0.05 * len(records) and wait <= 0.25 * wall
+
+
+def test_a_retried_failed_sample_replaces_its_record_and_an_ok_one_may_not_be_replaced(tmp_path):
+    from schemas.run import failed_record
+
+    spec = make_spec(n_total=3)
+    records = [make_record(i, spec) for i in range(3)]
+    run = tmp_path / "run"
+    with RunWriter(run, spec) as w:
+        w.put(records[0])
+        w.put(failed_record(1, records[1].sample_id, "CUDA out of memory", status="oom"))
+        w.put(records[2])
+    with RunWriter(run, spec, resume=True) as w:
+        assert w.committed_status == {0: "ok", 1: "oom", 2: "ok"}
+        w.put(records[1])  # the retry
+    assert verify_run(run) == []
+    ds = open_run(run)
+    assert list(ds["status"].values) == ["ok"] * 3
+    retried = ds.sel(sample=1)
+    mask = ds["token_sample"].values == 1
+    assert retried["n_tokens"].item() == records[1].n_tokens == mask.sum()
+    np.testing.assert_array_equal(ds["input_ids"].values[mask], records[1].input_ids)
+    # an ok record committed again (here by a writer that forgot its log) is a duplicate
+    with RunWriter(run, spec, resume=True) as w:
+        w.committed_status.clear()
+        w.put(records[0])
+    assert any("toy/test/0 was committed again after an ok record" in p for p in verify_run(run))
