@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from schemas.config import load_config
-    from schemas.run import STATUS_OK, parse_shard, shard_indices
+    from schemas.run import RETRYABLE, STATUS_DATA, parse_shard, shard_indices
 
     if args.retry_failed and not args.resume:
         raise GapError("--retry-failed goes with --resume (it redoes failed samples of an existing shard)")
@@ -179,7 +179,7 @@ def main(argv: list[str]) -> int:
 
     from capture.datasets import open_dataset
     from capture.family import load_model
-    from capture.runner import STATUS_DATA, CaptureRunner, make_spec
+    from capture.runner import CaptureRunner, make_spec
     from store.writer import RunWriter
 
     dataset = open_dataset(cfg.data)
@@ -189,8 +189,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     with RunWriter(out, spec, shard=(shard, n_shards), resume=args.resume) as writer:
-        retry = {r for r, status in writer.committed_status.items()
-                 if args.retry_failed and status not in (STATUS_OK, STATUS_DATA)}
+        retry = {r for r, status in writer.committed_status.items() if args.retry_failed and status in RETRYABLE}
         todo = [r for r in rows if r not in writer.committed or r in retry]
         device = _device_line(loaded, cfg.model.device_map)
         print(f"gap capture: {loaded.info['family']} ({loaded.n_layers} layers) on {device}; "

@@ -52,7 +52,8 @@ import numpy as np
 
 from schemas.config import Config, resolve_layers
 from schemas.errors import GapError
-from schemas.run import STATUS_OK, SampleRecord, failed_record
+from schemas.run import (STATUS_DATA, STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, STATUS_OOM, SampleRecord,
+                         failed_record)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -62,12 +63,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from store.writer import RunSpec, RunWriter
 
 log = logging.getLogger("gap.capture")
-
-# Failure kinds. Only data errors count as an acceptable outcome of a run (exit code 0).
-STATUS_DATA = "data_error"
-STATUS_NONFINITE = "nonfinite"
-STATUS_OOM = "oom"
-STATUS_ERROR = "error"
 
 SWITCH_INTERVAL_S = 5e-4  # while capturing (see CaptureRunner.run)
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}

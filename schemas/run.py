@@ -15,6 +15,13 @@ import numpy as np
 SCHEMA_VERSION = 1
 
 STATUS_OK = "ok"
+# Failure kinds.  Only data errors are an acceptable outcome of a run (exit code 0); the others
+# are retried by ``gap capture --resume --retry-failed`` (RETRYABLE).
+STATUS_DATA = "data_error"
+STATUS_NONFINITE = "nonfinite"
+STATUS_OOM = "oom"
+STATUS_ERROR = "error"
+RETRYABLE = (STATUS_NONFINITE, STATUS_OOM, STATUS_ERROR)
 TOKEN_FLAG_VISUAL = 1
 TOKEN_FLAG_TEXT = 2
 TOKEN_FLAG_ANSWER = 4

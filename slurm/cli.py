@@ -14,14 +14,16 @@ examples:
 Scripts, the config copy every job reads, and logs are written to RUN/slurm/. A capture task
 asks Slurm for SIGUSR1 slurm.signal_seconds before its time limit, commits what it has and
 requeues itself. After a cancelled or failed task, run the same `gap slurm submit` again: it
-resubmits only the shards with samples left (they resume from the store), then the analysis.
+resubmits only the shards with samples left (they resume from the store), then the analysis;
+with --retry-failed (e.g. after --set capture.batch_size=1) also the shards with samples that
+failed for a non-data reason, which are captured again.
 """
 
 
 def _submit(args: argparse.Namespace) -> int:
     from slurm import submit
 
-    plan = submit.plan_submission(args.config, args.out, args.overrides)
+    plan = submit.plan_submission(args.config, args.out, args.overrides, retry_failed=args.retry_failed)
     if args.dry_run:
         print(submit.format_dry_run(plan), end="")
         return 0
@@ -57,6 +59,9 @@ def main(argv: list[str]) -> int:
                    help="override one config key, the value parsed as YAML; repeatable")
     p.add_argument("--dry-run", action="store_true",
                    help="print the scripts and sbatch commands; write and submit nothing")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also run the shards with samples that failed for a non-data reason (out of "
+                        "memory, NaN/inf, an intervention error) and capture those samples again")
     p.set_defaults(func=_submit)
 
     p = sub.add_parser("status", help="per shard: samples done / failed / left and the job state",

@@ -190,7 +190,7 @@ def _job_name(kind: str, run_dir: str) -> str:
 
 
 def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: Sequence[str],
-                   tasks: Sequence[int] | None = None) -> str:
+                   tasks: Sequence[int] | None = None, retry_failed: bool = False) -> str:
     """The capture array script: one task per shard, probe first, then ``gap capture --resume``.
 
     Parameters
@@ -203,6 +203,8 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
         The command that runs gap on the node, e.g. ``["/venv/bin/gap"]`` or ``["gap"]``.
     tasks : sequence of int, optional
         Shards to (re)submit; all ``slurm.shards`` by default.
+    retry_failed : bool
+        Capture with ``--retry-failed`` (samples failed for a non-data reason are redone).
 
     Examples
     --------
@@ -238,7 +240,8 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
         "# --- command: check the node fast, then capture this shard in the background so that",
         "# the shell can pass the time-limit warning (SIGUSR1) on to it",
         f'{gap_cmd} slurm probe "$CONFIG" || exit 1',
-        *_background(f'{gap_cmd} capture "$CONFIG" --out "$RUN" --shard "$SHARD" --resume',
+        *_background(f'{gap_cmd} capture "$CONFIG" --out "$RUN" --shard "$SHARD" --resume'
+                     + (" --retry-failed" if retry_failed else ""),
                      "gap capture shard $SHARD: SIGTERM, waiting for the current batch to commit"),
     ]
     epilogue = [

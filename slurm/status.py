@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import GapError
-from schemas.run import STATUS_OK, shard_indices
+from schemas.run import RETRYABLE, STATUS_OK, shard_indices
 
 JOBS_FILE = "jobs.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -31,7 +31,8 @@ CONFIG_FILE = "config.yaml"
 
 @dataclass
 class ShardProgress:
-    """Samples of one shard: done (ok), failed, left (None while the run's size is unknown)."""
+    """Samples of one shard: done (ok), failed, left (None while the run's size is unknown), and
+    how many of the failed ones ``--retry-failed`` would capture again."""
 
     shard: int
     done: int
@@ -39,6 +40,7 @@ class ShardProgress:
     left: int | None
     job: str | None = None
     state: str | None = None
+    retryable: int = 0
 
 
 def shard_progress(run_dir: str | Path, n_shards: int) -> list[ShardProgress]:
@@ -63,7 +65,7 @@ def shard_progress(run_dir: str | Path, n_shards: int) -> list[ShardProgress]:
         ok = sum(s["status"] == STATUS_OK for s in samples)
         failed = len(samples) - ok
         left = None if n_total is None else len(shard_indices(n_total, i, n_shards)) - ok - failed
-        out.append(ShardProgress(i, ok, failed, left))
+        out.append(ShardProgress(i, ok, failed, left, retryable=sum(s["status"] in RETRYABLE for s in samples)))
     return out
 
 

@@ -10,8 +10,10 @@ then cancels the analysis instead of leaving it pending forever); appends the id
 
 Resubmitting the same command to an existing run resumes it: only shards with rows left are
 submitted (``gap capture --resume`` skips what the store has committed), or just the analysis
-when every shard is complete. It refuses while jobs of the run are still queued or running, since
-two writers of one shard would contend for its lock.
+when every shard is complete. With ``--retry-failed`` the shards holding samples that failed for
+a non-data reason (out of memory, NaN/inf, an intervention error) run too, and their tasks capture
+those samples again. It refuses while jobs of the run are still queued or running, since two
+writers of one shard would contend for its lock.
 """
 
 from __future__ import annotations
@@ -97,11 +99,13 @@ def _check_same_run(existing_path: Path, cfg: Config) -> None:
 
 
 def plan_submission(config_path: str | Path, run_dir: str | Path, overrides: Sequence[str] = (),
-                    gap: Sequence[str] | None = None, analyze_args: Sequence[str] = ()) -> Plan:
+                    gap: Sequence[str] | None = None, analyze_args: Sequence[str] = (),
+                    retry_failed: bool = False) -> Plan:
     """Load and resolve the config, pick the shards to run, render both scripts (nothing written).
 
     ``gap`` is the command jobs run gap with (default: :func:`gap_command`); ``analyze_args`` are
-    further ``gap analyze`` options for the analysis job.
+    further ``gap analyze`` options for the analysis job; ``retry_failed`` also runs the shards
+    with retryable failures, as ``gap capture --resume --retry-failed``.
 
     Examples
     --------
@@ -118,13 +122,14 @@ def plan_submission(config_path: str | Path, run_dir: str | Path, overrides: Seq
     if existing.exists():
         _check_same_run(existing, cfg)
     shards = shard_progress(run_dir, cfg.slurm.shards)
-    tasks = [s.shard for s in shards if s.left is None or s.left > 0]
+    tasks = [s.shard for s in shards if s.left is None or s.left > 0 or (retry_failed and s.retryable)]
     gap = list(gap) if gap is not None else gap_command(cfg.slurm.setup)
     plan = Plan(run_dir, cfg, tasks)
     config_copy = str(plan.slurm_dir / CONFIG_FILE)
     if tasks:
         plan.scripts[render.CAPTURE_SCRIPT] = render.render_capture(
-            cfg.slurm, run_dir=str(run_dir), config_path=config_copy, gap=gap, tasks=tasks)
+            cfg.slurm, run_dir=str(run_dir), config_path=config_copy, gap=gap, tasks=tasks,
+            retry_failed=retry_failed)
     plan.scripts[render.ANALYSIS_SCRIPT] = render.render_analysis(cfg.slurm, run_dir=str(run_dir), gap=gap,
                                                                   analyze_args=analyze_args)
     return plan

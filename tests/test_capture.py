@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from capture.family import load_model
-from capture.runner import STATUS_DATA, STATUS_NONFINITE, STATUS_OOM, CaptureRunner, make_spec
+from capture.runner import CaptureRunner, make_spec
 from schemas.config import config_from_dict
+from schemas.run import STATUS_DATA, STATUS_NONFINITE, STATUS_OOM
 from store import open_run
 from store.writer import RunWriter
 

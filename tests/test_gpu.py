@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from capture.family import load_model
-from capture.runner import STATUS_NONFINITE, STATUS_OOM, CaptureRunner, make_spec
+from capture.runner import CaptureRunner, make_spec
 from schemas.config import config_from_dict
+from schemas.run import STATUS_NONFINITE, STATUS_OOM
 from store.writer import RunWriter
 from test_capture import FAMILIES, _capture, _reference, _samples
 

@@ -323,6 +323,36 @@ def test_status_and_resubmission_follow_the_store(tmp_path: Path, fake_sbatch: P
         status.shard_progress(run, 3)
 
 
+def test_retry_failed_resubmits_only_shards_with_retryable_failures(tmp_path: Path) -> None:
+    # Every row is committed; shard 0 has an out-of-memory sample, shard 1 only a data error.
+    sys.path.insert(0, str(Path(__file__).parent))
+    from storekit import make_record, make_spec
+
+    from schemas.run import failed_record
+    from store.writer import RunWriter
+
+    run = tmp_path / "run"
+    spec = make_spec(n_total=8)
+    with RunWriter(run, spec, shard=(0, 2)) as writer:
+        for index in (0, 2, 4, 6):
+            writer.put(failed_record(4, "toy/test/4", "CUDA out of memory", status="oom") if index == 4
+                       else make_record(index, spec))
+    with RunWriter(run, spec, shard=(1, 2)) as writer:
+        for index in (1, 3, 5, 7):
+            writer.put(make_record(index, spec, fail_every=4))  # 3 and 7: data errors
+    progress = status.shard_progress(run, 2)
+    assert [(p.done, p.failed, p.left, p.retryable) for p in progress] == [(3, 1, 0, 1), (2, 2, 0, 0)]
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"path": "/models/toy"}, "slurm": {"shards": 2, "gpus": 0}})
+    assert submit.plan_submission(cfg, run, gap=["gap"]).tasks == []  # only the analysis
+    plan = submit.plan_submission(cfg, run, gap=["gap"], retry_failed=True)
+    assert plan.tasks == [0]
+    assert '--shard "$SHARD" --resume --retry-failed' in plan.scripts["capture.sbatch"]
+    with RunWriter(run, spec, shard=(0, 2), resume=True) as writer:  # what that task does
+        writer.put(make_record(4, spec))
+    assert [(p.done, p.failed, p.retryable) for p in status.shard_progress(run, 2)] == [(4, 0, 0), (2, 2, 0)]
+    assert submit.plan_submission(cfg, run, gap=["gap"], retry_failed=True).tasks == []
+
+
 def test_status_of_a_run_not_yet_started(tmp_path: Path, fake_sbatch: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = write_yaml(tmp_path / "c.yaml", {"model": {"path": "/m"}, "slurm": {"shards": 3, "gpus": 0}})
     submit.submit(submit.plan_submission(cfg, tmp_path / "run", gap=["gap"]))
