@@ -270,19 +270,24 @@ def test_stop_request_ends_after_the_current_batch(tiny_checkpoint, tmp_path):
     assert ds.sizes["sample"] == 2 and set(ds["status"].values) == {"ok"}
 
 
+def _cli_config(tiny_checkpoint, tmp_path, limit: int):
+    """A `gap capture` config file: a 2-layer tiny LLaVA over ``limit`` synthetic samples, batches of 2."""
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": str(tiny_checkpoint("llava", n_layers=2)), "dtype": "float32"},
+                                      "data": {"name": "synthetic", "limit": limit},
+                                      "capture": {"batch_size": 2}}))
+    return config
+
+
 def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     import os
     import signal
 
-    import yaml
-
     from capture import cli
 
-    path = tiny_checkpoint("llava", n_layers=2)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": str(path), "dtype": "float32"},
-                                      "data": {"name": "synthetic", "limit": 6},
-                                      "capture": {"batch_size": 2}}))
+    config = _cli_config(tiny_checkpoint, tmp_path, limit=6)
     original = CaptureRunner._finish
 
     def finish_then_signal(self, flight):
@@ -316,16 +321,10 @@ def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch
 def test_retry_failed_recaptures_non_data_failures(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     # A sample that ran out of memory alone stays failed on a plain --resume; --retry-failed
     # captures it again, its new record replaces the failed one, and the run is whole.
-    import yaml
-
     from capture import cli
     from store.inspect import run_info, verify_run
 
-    path = tiny_checkpoint("llava", n_layers=2)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": str(path), "dtype": "float32"},
-                                      "data": {"name": "synthetic", "limit": 5},
-                                      "capture": {"batch_size": 2}}))
+    config = _cli_config(tiny_checkpoint, tmp_path, limit=5)
     original = CaptureRunner._forward
 
     def oom_with_sample_2(self, batch_samples):
