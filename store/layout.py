@@ -132,26 +132,31 @@ def tokens_chunk_key(block_index: int) -> str:
 
 
 def encode_hidden_shard(parts: list[np.ndarray], pad_tokens: int = 0,
-                        compression: str = "none") -> list[bytes | memoryview]:
-    """Bytes of one hidden shard file from token-consecutive ``parts`` of shape (layers, t_i, hidden).
+                        compression: str = "none") -> list[Piece]:
+    """Pieces of one hidden shard file from token-consecutive ``parts`` of shape (layers, t_i, hidden).
 
     The shard holds one inner chunk per layer (all B tokens of that layer), then the index.  Each
     layer's rows of a part are contiguous in the part's own memory, so uncompressed shards are
-    written straight from the samples' arrays (zero-copy), with ``pad_tokens`` zero rows at the end.
+    written straight from the samples' arrays (zero-copy).  The ``pad_tokens`` zero rows that end
+    each layer of a segment's last block are holes (see :data:`Piece`): the disk writes none of
+    them, which at a commit every 16 blocks is ~3% of an all-layer capture's bytes.
     """
     import google_crc32c
 
     n_layers = parts[0].shape[0]
     dtype, size = parts[0].dtype, parts[0].shape[2]
-    pad = np.zeros((pad_tokens, size), dtype) if pad_tokens else None
-    pieces: list[bytes | memoryview] = []
+    pieces: list[Piece] = []
     sizes = np.zeros(n_layers, np.uint64)
     for layer in range(n_layers):
-        rows = [np.ascontiguousarray(p[layer]) for p in parts] + ([pad] if pad is not None else [])
+        rows = [np.ascontiguousarray(p[layer]) for p in parts]
         if compression == "none":
             pieces += [memoryview(r).cast("B") for r in rows]
-            sizes[layer] = sum(r.nbytes for r in rows)
+            hole = pad_tokens * size * dtype.itemsize
+            pieces += [hole] if hole else []
+            sizes[layer] = sum(r.nbytes for r in rows) + hole
         else:
+            if pad_tokens:
+                rows.append(np.zeros((pad_tokens, size), dtype))
             import numcodecs
 
             blob = numcodecs.Zstd(level=1).encode(np.concatenate(rows).view(np.uint8))
@@ -200,8 +205,21 @@ def read_hidden_shard(path: Path, n_layers: int, block: int, hidden_size: int, d
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
+Piece = bytes | memoryview | int
+"""A piece of a file to write: its bytes, or a number of zero bytes left as a hole (nothing
+written; the file reads zeros there, and the filesystem stores none)."""
 
-def atomic_write(path: Path, pieces: list[bytes | memoryview] | bytes, fsync: bool = False) -> None:
+
+def data_bytes(pieces: list[Piece]) -> int:
+    """Bytes that writing ``pieces`` puts on disk (holes excluded).
+
+    >>> data_bytes([b"abc", 4096, memoryview(b"de")])
+    5
+    """
+    return sum(len(p) for p in pieces if not isinstance(p, int))
+
+
+def atomic_write(path: Path, pieces: list[Piece] | bytes, fsync: bool = False) -> None:
     """Write a file so that readers see the old version or the new one, never a torn one."""
     if isinstance(pieces, (bytes, bytearray, memoryview)):
         pieces = [pieces]
@@ -221,12 +239,28 @@ def atomic_write(path: Path, pieces: list[bytes | memoryview] | bytes, fsync: bo
     os.replace(tmp, path)
 
 
-def _write_all(fd: int, pieces: list[bytes | memoryview]) -> None:
-    """All of ``pieces`` with as few ``writev`` calls as the kernel allows.
+def _write_all(fd: int, pieces: list[Piece]) -> None:
+    """All of ``pieces`` with as few system calls as the kernel allows: one ``writev`` per run of
+    byte pieces, one ``lseek`` per hole.
 
     One call per file rather than one per piece: each return from a system call has to take the
     GIL back, and beside a Python-heavy capture loop that can wait a whole switch interval.
     """
+    run: list[bytes | memoryview] = []
+    for piece in [*pieces, 0]:
+        if not isinstance(piece, int):
+            run.append(piece)
+            continue
+        _writev_all(fd, run)
+        run = []
+        if piece:
+            os.lseek(fd, piece, os.SEEK_CUR)
+    end = os.lseek(fd, 0, os.SEEK_CUR)
+    if os.fstat(fd).st_size < end:  # a hole at the very end: give the file its length
+        os.ftruncate(fd, end)
+
+
+def _writev_all(fd: int, pieces: list[bytes | memoryview]) -> None:
     views = [memoryview(p).cast("B") for p in pieces if len(p)]
     first = 0
     while first < len(views):

@@ -444,7 +444,7 @@ class RunWriter:
         if hidden:
             pieces = layout.encode_hidden_shard(hidden, pad, self.spec.compression)
             files.append((self.dir / layout.HIDDEN / layout.hidden_chunk_key(block_index), pieces))
-            self.bytes_written += sum(len(p) for p in pieces)
+            self.bytes_written += layout.data_bytes(pieces)
         files.append((self.dir / layout.TOKENS / layout.tokens_chunk_key(block_index),
                       tokens.astype("<i4").tobytes()))
         self._drain_io(leave=IO_THREADS - 1)

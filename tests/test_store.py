@@ -377,6 +377,26 @@ def test_short_writes_are_resumed_mid_piece(tmp_path, monkeypatch):
     assert len(calls) == -(-len(expected) // 7) and max(calls) == 3
 
 
+def test_padding_is_left_as_holes_that_read_as_zeros(tmp_path):
+    # A segment's last block pads each layer with zero rows; they are holes, not written bytes.
+    layout.atomic_write(tmp_path / "f", [b"ab", 3 * 4096, b"cd", 10])
+    assert (tmp_path / "f").read_bytes() == b"ab" + bytes(3 * 4096) + b"cd" + bytes(10)
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(1, 60000, (2, 3, 1024), dtype=np.uint16), rng.integers(1, 60000, (2, 2, 1024), dtype=np.uint16)]
+    pad, block = 59, 64
+    pieces = layout.encode_hidden_shard(parts, pad_tokens=pad)
+    path = tmp_path / "shard"
+    layout.atomic_write(path, pieces, fsync=True)
+    full = layout.read_hidden_shard(path, 2, block, 1024, np.dtype(np.uint16), slice(None), slice(None))
+    expected = np.concatenate([*parts, np.zeros((2, pad, 1024), np.uint16)], axis=1)
+    np.testing.assert_array_equal(full, expected)
+    hole = pad * 1024 * 2
+    assert path.stat().st_size == 2 * block * 1024 * 2 + 2 * 16 + 4  # chunks + index + crc
+    assert layout.data_bytes(pieces) == path.stat().st_size - 2 * hole
+    # the filesystem stores the data only (give each layer's edges a page each way)
+    assert path.stat().st_blocks * 512 <= layout.data_bytes(pieces) + 4 * 4096
+
+
 def test_commit_line_follows_its_blocks_written_on_io_threads(tmp_path, monkeypatch):
     # Blocks are written on I/O threads; slow ones must still be on disk before the commit
     # line that covers them (a killed writer's committed samples are whole).
