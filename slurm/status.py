@@ -143,6 +143,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "shards": [asdict(s) for s in shards],
         "done": sum(s.done for s in shards),
         "failed": sum(s.failed for s in shards),
+        "retryable": sum(s.retryable for s in shards),
         "left": None if None in left else sum(left),
         "analysis": {"job": analysis, "state": states.get(analysis) if analysis else None,
                      "decision": (run_dir / "analysis" / "decision.json").exists()},
@@ -154,12 +155,13 @@ def format_status(status: dict[str, Any]) -> str:
 
     Examples
     --------
-    >>> print(format_status({"run": "/r", "done": 3, "failed": 1, "left": 0,
+    >>> print(format_status({"run": "/r", "done": 3, "failed": 1, "retryable": 1, "left": 0,
     ...     "shards": [{"shard": 0, "done": 3, "failed": 1, "left": 0, "job": "7_0", "state": "COMPLETED"}],
     ...     "analysis": {"job": "8", "state": "RUNNING", "decision": False}}))
     run /r: 3 done, 1 failed, 0 left
     shard   done  failed    left  job         state
     0          3       1       0  7_0         COMPLETED
+    1 failed for a non-data reason (out of memory, NaN/inf, an error): gap slurm submit --retry-failed redoes them
     analysis: job 8 RUNNING
     """
     def cell(value: Any) -> str:
@@ -171,6 +173,9 @@ def format_status(status: dict[str, Any]) -> str:
     for s in status["shards"]:
         lines.append(f"{s['shard']:<6}{s['done']:>6}{s['failed']:>8}{cell(s['left']):>8}  "
                      f"{s['job'] or '-':<10}  {s['state'] or ('-' if not s['job'] else 'not in queue')}")
+    if status.get("retryable"):
+        lines.append(f"{status['retryable']} failed for a non-data reason (out of memory, NaN/inf, an error): "
+                     "gap slurm submit --retry-failed redoes them")
     ana = status["analysis"]
     if ana["job"]:
         state = ana["state"] or "not in queue"
