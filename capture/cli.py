@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from schemas.config import load_config
-    from schemas.run import RETRYABLE, STATUS_DATA, parse_shard, shard_indices
+    from schemas.run import RETRYABLE, STATUS_DATA, STATUS_OK, parse_shard, shard_indices
 
     if args.retry_failed and not args.resume:
         raise GapError("--retry-failed goes with --resume (it redoes failed samples of an existing shard)")
@@ -205,7 +205,7 @@ def main(argv: list[str]) -> int:
             stats = runner.run(dataset.iter_indices(todo))
     elapsed = time.perf_counter() - t0
     counts = _shard_status(out, shard, n_shards)
-    bad = {k: v for k, v in counts.items() if k not in ("ok", STATUS_DATA)}
+    bad = {k: v for k, v in counts.items() if k not in (STATUS_OK, STATUS_DATA)}
     print(f"gap capture: {stats.n_ok} ok, {stats.n_failed} failed this run "
           f"({', '.join(f'{k} {v}' for k, v in sorted(stats.failures.items())) or 'none'}); "
           f"{stats.n_tokens} tokens in {elapsed:.0f} s")
