@@ -131,14 +131,14 @@ def _size(n_bytes: float) -> str:
 def _store_line(n_bytes: int, elapsed: float, wait: float) -> str:
     """What the store took and how long the model waited for it (the sign of a disk-bound run).
 
-    >>> _store_line(int(6e9), 10.0, 1.0)
-    'store: 6.00 GB written, 0.60 GB/s; the model waited for it 10% of the time'
-    >>> _store_line(int(6e9), 10.0, 6.0)  # doctest: +NORMALIZE_WHITESPACE
-    'store: 6.00 GB written, 0.60 GB/s; the model waited for it 60% of the time: disk-bound,
+    >>> _store_line(int(2.7e6), 47.0, 0.1)
+    'store: 2.7 MB written, 57.4 kB/s; the model waited for it 0% of the time'
+    >>> _store_line(int(13e9), 10.0, 6.0)  # doctest: +NORMALIZE_WHITESPACE
+    'store: 13.00 GB written, 1.30 GB/s; the model waited for it 60% of the time: disk-bound,
      choose fewer capture.layers / capture.tokens or a faster filesystem to go faster'
     """
     share = wait / max(elapsed, 1e-9)
-    line = (f"store: {_size(n_bytes)} written, {n_bytes / max(elapsed, 1e-9) / 1e9:.2f} GB/s; "
+    line = (f"store: {_size(n_bytes)} written, {_size(n_bytes / max(elapsed, 1e-9))}/s; "
             f"the model waited for it {share:.0%} of the time")
     if share >= DISK_BOUND_SHARE:
         line += (": disk-bound, choose fewer capture.layers / capture.tokens or a faster filesystem "
