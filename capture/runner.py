@@ -1,6 +1,7 @@
 """The capture loop: batches through the model in one nnsight trace each, records to the store.
 
-Per batch of similar-length samples:
+Samples are read and encoded (chat template, processor) a window ahead on a background thread,
+so image decoding and preprocessing overlap the GPU.  Per batch of similar-length samples:
 
 1. one ``nnsight`` trace of the plain forward; inside it, each decoder block's output is gathered
    (only the batch's stored tokens: ``capture.tokens`` of the real tokens, no padding) straight
@@ -40,11 +41,14 @@ Examples
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
+import queue
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -203,6 +207,70 @@ class _InFlight:
     errors: list[str]  # per-sample intervention error ("" when fine)
 
 
+class _EncodeAhead:
+    """``encode(item)`` for every item, in order, on a background thread up to ``depth`` ahead.
+
+    Reading a sample (an image decode) and running the processor take milliseconds per sample
+    that the capture loop would otherwise spend with the GPU idle.  An error of the items'
+    iterator or of ``encode`` is raised by ``next()`` in the loop's thread, where it happened in
+    the order.  ``close()`` stops the thread (items it read ahead are dropped, not recorded).
+
+    >>> ahead = _EncodeAhead(range(5), lambda i: i * i, depth=2)
+    >>> list(ahead)
+    [0, 1, 4, 9, 16]
+    >>> ahead.close()
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterable[Any], encode: Callable[[Any], Any], depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(iter(items), encode), name="gap-encode",
+                                        daemon=True)
+        self._thread.start()
+
+    def _work(self, items: Iterator[Any], encode: Callable[[Any], Any]) -> None:
+        try:
+            for item in items:
+                if not self._offer(encode(item)):
+                    return
+            self._offer(self._END)
+        except BaseException as exc:  # handed to the loop's thread
+            self._offer(_Raised(exc))
+
+    def _offer(self, value: Any) -> bool:
+        """Queue ``value`` unless closed meanwhile (then False)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> _EncodeAhead:
+        return self
+
+    def __next__(self) -> Any:
+        value = self._queue.get()
+        if value is self._END:
+            self._queue.put(value)  # stays exhausted
+            raise StopIteration
+        if isinstance(value, _Raised):
+            raise value.exc
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class _Raised:
+    exc: BaseException
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -289,52 +357,59 @@ class CaptureRunner:
         start = time.perf_counter()
         window = window or 8 * self.cfg.capture.batch_size
         pending: _InFlight | None = None
-        buffer: list[PromptSample] = []
-        iterator = iter(items)
+        # Items are read and encoded a window ahead on a thread of their own, with a processor of
+        # its own (the loop's donors use the model's): the loop itself only feeds the GPU.
+        ahead = _EncodeAhead(items, self._encoder(), depth=window)
         exhausted = False
-        while not exhausted and not self.stats.stopped_early:
-            buffer = []
-            while len(buffer) < window:
-                try:
-                    item = next(iterator)
-                except StopIteration:
-                    exhausted = True
-                    break
-                encoded = self._encode(item)
-                if encoded is not None:
-                    buffer.append(encoded)
-            groups = length_batches([s.n_tokens for s in buffer], self.cfg.capture.batch_size,
-                                    self.max_batch_tokens)
-            for group in groups:
-                if self.should_stop():
-                    self.stats.stopped_early = True
-                    break
-                for flight in self._process([buffer[i] for i in group]):
-                    if pending is not None:
-                        self._finish(pending)
-                    pending = flight
+        try:
+            while not exhausted and not self.stats.stopped_early:
+                buffer: list[PromptSample] = []
+                while len(buffer) < window:
+                    encoded = next(ahead, None)
+                    if encoded is None:
+                        exhausted = True
+                        break
+                    if isinstance(encoded, SampleRecord):  # the item was bad: recorded, not captured
+                        self._put(encoded)
+                    else:
+                        buffer.append(encoded)
+                groups = length_batches([s.n_tokens for s in buffer], self.cfg.capture.batch_size,
+                                        self.max_batch_tokens)
+                for group in groups:
+                    if self.should_stop():
+                        self.stats.stopped_early = True
+                        break
+                    for flight in self._process([buffer[i] for i in group]):
+                        if pending is not None:
+                            self._finish(pending)
+                        pending = flight
+        finally:
+            ahead.close()
         if pending is not None:
             self._finish(pending)
         self.stats.seconds = time.perf_counter() - start
         return self.stats
 
     # -- steps ----------------------------------------------------------------------------------
-    def _encode(self, item: Any) -> PromptSample | None:
+    def _encoder(self) -> Callable[[Any], PromptSample | SampleRecord]:
+        """Item -> its encoded prompt, or the failed record of a bad item (run on another thread)."""
         from capture.prompts import encode_sample
 
-        if isinstance(item, BaseException):  # capture.datasets.DataError
-            index = getattr(item, "index", None)
-            self._put(failed_record(-1 if index is None else int(index),
-                                    str(getattr(item, "sample_id", "?")),
-                                    getattr(item, "reason", _one_line(item)), status=STATUS_DATA))
-            return None
-        try:
-            return encode_sample(self.loaded.processor, self.loaded.image_token_id, item)
-        # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only
-        except Exception as exc:  # noqa: BLE001
-            self._put(failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
-                                    _one_line(exc), status=STATUS_DATA, **_meta_fields(item)))
-            return None
+        processor, image_token_id = copy.deepcopy(self.loaded.processor), self.loaded.image_token_id
+
+        def encode(item: Any) -> PromptSample | SampleRecord:
+            if isinstance(item, BaseException):  # capture.datasets.DataError
+                index = getattr(item, "index", None)
+                return failed_record(-1 if index is None else int(index), str(getattr(item, "sample_id", "?")),
+                                     getattr(item, "reason", _one_line(item)), status=STATUS_DATA)
+            try:
+                return encode_sample(processor, image_token_id, item)
+            # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only
+            except Exception as exc:  # noqa: BLE001
+                return failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
+                                     _one_line(exc), status=STATUS_DATA, **_meta_fields(item))
+
+        return encode
 
     def _process(self, samples: list[PromptSample]) -> list[_InFlight]:
         """Forward + copy + interventions for one batch; halves it on CUDA OOM."""

@@ -259,6 +259,37 @@ def test_oom_halves_the_batch(tiny_checkpoint, tmp_path, monkeypatch):
     assert status == {"t/0": "ok", "t/1": "ok", "t/2": "ok", "t/3": STATUS_OOM}
 
 
+def test_samples_are_read_and_encoded_ahead_on_their_own_thread(tiny_checkpoint, tmp_path, monkeypatch):
+    # The capture loop's thread only feeds the model; an error of the items' iterator still
+    # surfaces in it, after the samples before it, and no reader thread outlives the run.
+    import threading
+
+    import capture.prompts
+    from schemas.errors import GapError
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    real, threads = capture.prompts.encode_sample, []
+
+    def encode(*args):
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(capture.prompts, "encode_sample", encode)
+    stats, ds = _capture(loaded, _cfg(path, batch_size=2), _samples(4), tmp_path / "run")
+    assert stats.n_ok == 4 and set(threads) == {"gap-encode"} and len(threads) == 4
+
+    def items():
+        yield from _samples(3)
+        raise GapError("t/3: sample index 3 requested twice")
+
+    cfg = _cfg(path, batch_size=2)
+    spec = make_spec(cfg, loaded, n_total=4)
+    with RunWriter(tmp_path / "run2", spec) as writer, pytest.raises(GapError, match="requested twice"):
+        CaptureRunner(loaded, cfg, spec, writer).run(items())
+    assert "gap-encode" not in {t.name for t in threading.enumerate()}
+
+
 def test_stop_request_ends_after_the_current_batch(tiny_checkpoint, tmp_path):
     path = tiny_checkpoint("llava", n_layers=2)
     loaded = load_model(_cfg(path).model)
