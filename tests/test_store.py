@@ -443,8 +443,8 @@ def test_wait_seconds_is_the_time_the_producer_was_held_up_by_the_store(tmp_path
     def timed(run, slow_disk: bool, producer_sleep: float) -> tuple[float, float]:
         monkeypatch.setattr(writer_module, "_write_files",
                             (lambda files: (time.sleep(0.05), real_files(files))) if slow_disk else real_files)
-        start = time.perf_counter()
         with RunWriter(run, spec) as w:
+            start = time.perf_counter()  # from the first put to the end of the final flush
             for r in records:
                 w.put(r)
                 time.sleep(producer_sleep)
