@@ -10,7 +10,8 @@ For each shape it builds the model from a config with the real dimensions direct
 tokens) and a word-level tokenizer, and ~640-token samples. Then, alternating, it times:
 
 - ``plain``: the same samples encoded, collated and run through ``model(...)`` (no capture),
-  before nnsight ever wraps the model;
+  before nnsight ever wraps the model; encoding runs on the loop's thread there, while the capture
+  reads and encodes ahead on a thread of its own (``encode_collate_ms`` says what that is worth);
 - ``capture``: :class:`capture.runner.CaptureRunner` writing every layer x every token to a
   run store on local disk (nnsight trace, device gather, pinned async copy, writer threads);
 - ``trace_only``: the same capture with ``capture.activations=false`` (nnsight trace, checks and
@@ -301,6 +302,8 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     print(f"gpu_capture_{name}_layers: {loaded.n_layers}")
     print(f"gpu_capture_{name}_forward_ms: {statistics.median(forward) / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_plain_ms: {p / n * 1e3:.1f}")
+    # plain encodes on the loop's thread; capture reads and encodes ahead on another thread
+    print(f"gpu_capture_{name}_encode_collate_ms: {(p - statistics.median(forward)) / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_capture_ms: {c / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_trace_only_ms: {trace_only / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_wait_for_store_ms: {statistics.median(wait) / n * 1e3:.1f}")
