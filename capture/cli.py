@@ -189,7 +189,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     with RunWriter(out, spec, shard=(shard, n_shards), resume=args.resume) as writer:
-        retry = {r for r, status in writer.committed_status.items() if args.retry_failed and status in RETRYABLE}
+        retry = ({r for r, status in writer.committed_status.items() if status in RETRYABLE}
+                 if args.retry_failed else set())
         todo = [r for r in rows if r not in writer.committed or r in retry]
         device = _device_line(loaded, cfg.model.device_map)
         print(f"gap capture: {loaded.info['family']} ({loaded.n_layers} layers) on {device}; "

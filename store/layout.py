@@ -145,13 +145,13 @@ def encode_hidden_shard(parts: list[np.ndarray], pad_tokens: int = 0,
 
     n_layers = parts[0].shape[0]
     dtype, size = parts[0].dtype, parts[0].shape[2]
+    hole = pad_tokens * size * dtype.itemsize
     pieces: list[Piece] = []
     sizes = np.zeros(n_layers, np.uint64)
     for layer in range(n_layers):
         rows = [np.ascontiguousarray(p[layer]) for p in parts]
         if compression == "none":
             pieces += [memoryview(r).cast("B") for r in rows]
-            hole = pad_tokens * size * dtype.itemsize
             pieces += [hole] if hole else []
             sizes[layer] = sum(r.nbytes for r in rows) + hole
         else:
@@ -255,9 +255,8 @@ def _write_all(fd: int, pieces: list[Piece]) -> None:
         run = []
         if piece:
             os.lseek(fd, piece, os.SEEK_CUR)
-    end = os.lseek(fd, 0, os.SEEK_CUR)
-    if os.fstat(fd).st_size < end:  # a hole at the very end: give the file its length
-        os.ftruncate(fd, end)
+    if pieces and isinstance(pieces[-1], int) and pieces[-1]:  # a hole at the very end: the file's length
+        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
 
 
 def _writev_all(fd: int, pieces: list[bytes | memoryview]) -> None:

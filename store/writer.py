@@ -39,6 +39,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import KeysView
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -205,7 +206,6 @@ class RunWriter:
         commits = self._recover(resume)
         # each committed sample's latest status: a failed one may be captured again (a retry)
         self.committed_status: dict[int, str] = {s["index"]: s["status"] for s in layout.latest_samples(commits)}
-        self.committed: set[int] = set(self.committed_status)
         self.n_committed_segments = len(commits)
         self._cursor = commits[-1]["end"] if commits else 0  # next block-aligned token offset
         self._ensure_arrays()
@@ -220,6 +220,11 @@ class RunWriter:
         self._thread.start()
 
     # -- public ---------------------------------------------------------------------------------
+    @property
+    def committed(self) -> KeysView[int]:
+        """Indices of the samples this part has committed (ok or failed)."""
+        return self.committed_status.keys()
+
     @staticmethod
     def committed_in(run: str | Path, shard: int, n_shards: int) -> set[int]:
         """Sample indices committed in one part (reading only)."""
@@ -471,7 +476,6 @@ class RunWriter:
             fh.flush()
             os.fsync(fh.fileno())
         self.n_committed_segments += 1
-        self.committed.update(s["index"] for s in samples)
         self.committed_status.update((s["index"], s["status"]) for s in samples)
         state.update(start=end, filled=end, t0=time.monotonic())
         log.debug("committed segment %d (%d samples) of %s", commit["segment"], len(samples), self.dir)
