@@ -24,6 +24,7 @@ Everything here is pure: no threads, no locks.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -219,8 +220,41 @@ def data_bytes(pieces: list[Piece]) -> int:
     return sum(len(p) for p in pieces if not isinstance(p, int))
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (files created or renamed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # some network and FUSE filesystems cannot fsync a directory (and order metadata themselves)
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new directories survive the node going down: each new entry is fsynced
+    in its parent."""
+    missing = []
+    path = Path(path)
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:  # made meanwhile by another writer thread, which fsyncs it
+            continue
+        fsync_dir(directory.parent)
+
+
 def atomic_write(path: Path, pieces: list[Piece] | bytes, fsync: bool = False) -> None:
-    """Write a file so that readers see the old version or the new one, never a torn one."""
+    """Write a file so that readers see the old version or the new one, never a torn one.
+
+    With ``fsync`` the new version is also durable on return: its bytes, then its name (the
+    rename, fsynced in the directory), as POSIX asks rather than trusting a journal's ordering.
+    """
     if isinstance(pieces, (bytes, bytearray, memoryview)):
         pieces = [pieces]
     path = Path(path)
@@ -237,6 +271,8 @@ def atomic_write(path: Path, pieces: list[Piece] | bytes, fsync: bool = False) -
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
 
 
 def _write_all(fd: int, pieces: list[Piece]) -> None:
@@ -271,22 +307,27 @@ def _writev_all(fd: int, pieces: list[bytes | memoryview]) -> None:
             views[first] = views[first][written:]
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1).encode())
+def write_json(path: Path, obj: Any, fsync: bool = False) -> None:
+    atomic_write(path, json.dumps(obj, indent=1).encode(), fsync)
 
 
 def create_json_exclusive(path: Path, obj: Any) -> bool:
-    """Create ``path`` with ``obj`` unless it exists (atomic across processes). True if created."""
+    """Create ``path`` with ``obj`` unless it exists (atomic across processes, durable). True if
+    created."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.new{os.getpid()}")
-    tmp.write_bytes(json.dumps(obj, indent=1).encode())
+    with open(tmp, "wb") as fh:
+        fh.write(json.dumps(obj, indent=1).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
     try:
         os.link(tmp, path)  # fails if another writer created it first
-        return True
     except FileExistsError:
         return False
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
 
 
 def json_roundtrip(obj: Any) -> Any:
@@ -299,10 +340,10 @@ def read_json(path: Path) -> Any:
 
 
 def set_array_length(array_dir: Path, axis: int, length: int) -> None:
-    """Set an array's extent along ``axis`` by rewriting its zarr.json atomically."""
+    """Set an array's extent along ``axis`` by rewriting its zarr.json atomically and durably."""
     meta = read_json(Path(array_dir) / "zarr.json")
     meta["shape"][axis] = int(length)
-    write_json(Path(array_dir) / "zarr.json", meta)
+    write_json(Path(array_dir) / "zarr.json", meta, fsync=True)
 
 
 def parse_commit_log(text: str) -> tuple[list[dict[str, Any]], int]:

@@ -5,10 +5,9 @@ processes never write the same files.  Records arrive through a bounded queue; t
 their tokens into blocks, writes each block's shard file whole (atomic rename), and commits a
 segment by appending one line to ``commits.jsonl`` after its data.  A writer killed at any instant
 therefore leaves whole committed samples and, at most, uncommitted blocks that ``resume`` removes.
-Block files are fsynced before the commit line that covers them (and the line itself after it is
-written), so committed samples also survive the node going down, not only the process; the
-renames they depend on reach the disk with the commit line's fsync on journalling filesystems
-(ext4, XFS), which order metadata.  Writing at the disk's own speed costs a long run nothing:
+Block files, their names (the directories they were renamed and made in) and the arrays' extents
+are fsynced before the commit line that covers them, and the line itself after it is written, so
+committed samples also survive the node going down, not only the process.  Writing at the disk's own speed costs a long run nothing:
 once the page cache is full, every writer goes at that speed.
 
 Examples
@@ -163,10 +162,10 @@ def ensure_run(run: Path, spec: RunSpec, n_shards: int) -> dict[str, Any]:
         if run.exists() and not (run / "zarr.json").exists() and any(
                 not p.name.startswith(".") and p.name != "slurm" for p in run.iterdir()):
             raise GapError(f"{run} exists and is not a gap run (no zarr.json); choose another --out")
-        run.mkdir(parents=True, exist_ok=True)
+        layout.make_dirs(run)
         attrs = {**spec.attrs(), "n_shards": n_shards, "provenance": provenance()}
         layout.create_json_exclusive(run / "zarr.json", layout.group_metadata({"gap": attrs}))
-        (run / layout.PARTS).mkdir(exist_ok=True)
+        layout.make_dirs(run / layout.PARTS)
         layout.create_json_exclusive(run / layout.PARTS / "zarr.json", layout.group_metadata({}))
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -199,7 +198,7 @@ class RunWriter:
         self.commit_seconds = commit_seconds
         ensure_run(self.run, spec, self.n_shards)
         self.dir = layout.part_dir(self.run, self.shard, self.n_shards)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        layout.make_dirs(self.dir)
         self._lock_fh = self._lock()
         layout.create_json_exclusive(self.dir / "zarr.json", layout.group_metadata(
             {"gap": {"shard": self.shard, "n_shards": self.n_shards}}))
@@ -322,12 +321,14 @@ class RunWriter:
     def _ensure_arrays(self) -> None:
         spec = self.spec
         if spec.layers and not (self.dir / layout.HIDDEN / "zarr.json").exists():
-            (self.dir / layout.HIDDEN).mkdir(exist_ok=True)
+            layout.make_dirs(self.dir / layout.HIDDEN)
             layout.write_json(self.dir / layout.HIDDEN / "zarr.json", layout.hidden_metadata(
-                len(spec.layers), 0, spec.hidden_size, spec.hidden_encoding, self.block, spec.compression))
+                len(spec.layers), 0, spec.hidden_size, spec.hidden_encoding, self.block, spec.compression),
+                fsync=True)
         if not (self.dir / layout.TOKENS / "zarr.json").exists():
-            (self.dir / layout.TOKENS).mkdir(exist_ok=True)
-            layout.write_json(self.dir / layout.TOKENS / "zarr.json", layout.tokens_metadata(0, self.block))
+            layout.make_dirs(self.dir / layout.TOKENS)
+            layout.write_json(self.dir / layout.TOKENS / "zarr.json", layout.tokens_metadata(0, self.block),
+                              fsync=True)
 
     # -- producer side --------------------------------------------------------------------------
     def _prepare(self, record: SampleRecord) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
@@ -471,10 +472,14 @@ class RunWriter:
                 layout.set_array_length(self.dir / name, axis, end)
         commit = {"segment": self.n_committed_segments, "start": state["start"], "stop": stop,
                   "end": end, "time": _now(), "samples": samples}
-        with open(self.dir / layout.COMMITS, "ab") as fh:
+        log_path = self.dir / layout.COMMITS
+        new_log = not log_path.exists()
+        with open(log_path, "ab") as fh:
             fh.write(layout.encode_commit(commit))
             fh.flush()
             os.fsync(fh.fileno())
+        if new_log:
+            layout.fsync_dir(self.dir)
         self.n_committed_segments += 1
         self.committed_status.update((s["index"], s["status"]) for s in samples)
         state.update(start=end, filled=end, t0=time.monotonic())
@@ -483,5 +488,5 @@ class RunWriter:
 
 def _write_files(files: list[tuple[Path, Any]]) -> None:
     for path, pieces in files:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        layout.make_dirs(path.parent)
         layout.atomic_write(path, pieces, fsync=True)

@@ -431,6 +431,49 @@ def test_commit_line_follows_its_blocks_written_on_io_threads(tmp_path, monkeypa
     assert commits > 3 and verify_run(tmp_path / "run") == []
 
 
+def test_a_commit_line_is_fsynced_after_the_names_of_everything_it_covers(tmp_path, monkeypatch):
+    # Power loss keeps only what was fsynced: a block file's bytes, its name (its directory) and
+    # the name of each directory made for it must all be fsynced before the commit line's own
+    # fsync, or a node crash could leave a committed sample whose file is gone.
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    spec = make_spec(n_total=30)
+    run = tmp_path / "run"
+    with RunWriter(run, spec, segment_tokens=20) as w:
+        for i in range(30):
+            w.put(make_record(i, spec))
+    part = layout.part_dir(run, 0, 1)
+    log = str(part / layout.COMMITS)
+    commits = layout.parse_commit_log((part / layout.COMMITS).read_text())[0]
+    at_commit = [k for k, path in enumerate(synced) if path == log]
+    assert len(at_commit) == len(commits) > 3
+
+    def before(path: Path, k: int) -> list[int]:
+        return [j for j in range(k) if synced[j] == str(path)]
+
+    for commit, k in zip(commits, at_commit):
+        for b in range(commit["end"] // spec.block_tokens):
+            for array, key in ((layout.HIDDEN, layout.hidden_chunk_key(b)), (layout.TOKENS, layout.tokens_chunk_key(b))):
+                file = part / array / key
+                data = [j for j in range(k) if synced[j].startswith(str(file.parent / f".{file.name}.tmp"))]
+                assert data, (file, "bytes not fsynced before the commit")
+                assert [j for j in before(file.parent, k) if j > data[-1]], (file, "rename not fsynced")
+                assert before(file.parent.parent, k), (file.parent, "new directory's name not fsynced")
+    first = at_commit[0]
+    for path in (run, run / layout.PARTS, part, part / layout.HIDDEN, part / layout.TOKENS,
+                 part / layout.HIDDEN / "zarr.json", part / layout.TOKENS / "zarr.json"):
+        assert before(path, first) or path.is_file() and any(
+            s.startswith(str(path.parent / f".{path.name}.tmp")) for s in synced[:first]), path
+    assert str(part) in synced[first + 1:], "the new commit log's name is fsynced"
+    assert verify_run(run) == []
+
+
 def test_wait_seconds_is_the_time_the_producer_was_held_up_by_the_store(tmp_path, monkeypatch):
     # A slow disk holds a fast producer up for nearly the whole run (full queue, final flush);
     # a slow producer beside a fast disk is hardly held up at all.
