@@ -26,6 +26,7 @@ Figures: ``gpu_capture_overhead_<m>`` = capture / plain; ``gpu_capture_vs_limit_
 max(plain, bytes / raw fsynced write speed), the physical limit of TOOLING.md measured in the same
 run (the store fsyncs its blocks before committing them, and a long run goes at the disk's speed
 whatever it does once the page cache is full);
+``gpu_capture_overhead_<m>_vs_forward`` = capture / the forwards alone (already encoded batches);
 ``gpu_capture_overhead_<m>_memfs`` = memfs / plain; plus per-sample milliseconds, GB/s and the
 time the loop waited for the store (``RunWriter.wait_seconds``). If the MoE model does not fit, it is rebuilt with fewer
 layers and ``gpu_capture_qwen3moe_layers`` says how many. Last, ``gpu_causal_sweep_speedup``:
@@ -137,8 +138,9 @@ def _sync(loaded: Any) -> None:
         torch.cuda.synchronize()
 
 
-def _plain(loaded: Any, samples: list[dict[str, Any]], batch_size: int) -> tuple[float, float]:
-    """Seconds for encode + collate + forward, and for the forwards alone."""
+def time_plain(loaded: Any, samples: list[dict[str, Any]], batch_size: int) -> tuple[float, float]:
+    """Seconds for encode + collate + forward of ``samples`` without capture, and for the
+    forwards alone."""
     import torch
 
     from capture.prompts import collate, encode_sample, length_batches
@@ -158,7 +160,7 @@ def _plain(loaded: Any, samples: list[dict[str, Any]], batch_size: int) -> tuple
     return time.perf_counter() - start, forward
 
 
-def _capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, run: Path,
+def time_capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, run: Path,
              activations: bool = True) -> tuple[float, int, int, float]:
     """Seconds to capture every layer into a fresh run (final flush included), bytes, n ok, and
     the seconds of it the loop waited for the store.
@@ -269,14 +271,14 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     warm = samples[: args.batch_size]
     # All plain timings first: nnsight's wrapper patches the model's modules for good, so the
     # baseline must run before the first capture wraps it (GPU timings need no interleaving).
-    _plain(loaded, warm, args.batch_size)
-    plain, forward = zip(*[_plain(loaded, samples, args.batch_size) for _ in range(args.repeats)])
-    _capture(loaded, warm, args.batch_size, workdir / f"{name}_warm")
+    time_plain(loaded, warm, args.batch_size)
+    plain, forward = zip(*[time_plain(loaded, samples, args.batch_size) for _ in range(args.repeats)])
+    time_capture(loaded, warm, args.batch_size, workdir / f"{name}_warm")
 
     def captures(directory: Path, tag: str, repeats: int = args.repeats) -> list[tuple[float, int, int, float]]:
         out = []
         for rep in range(repeats):
-            out.append(_capture(loaded, samples, args.batch_size, directory / f"{name}_{tag}{rep}"))
+            out.append(time_capture(loaded, samples, args.batch_size, directory / f"{name}_{tag}{rep}"))
             shutil.rmtree(directory / f"{name}_{tag}{rep}")
         return out
 
@@ -291,7 +293,7 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
                 with _io_threads(threads):
                     memfs_by_threads[threads] = captures(Path(shm), f"memfs{threads}t", repeats=1)[0][0]
     trace_only = statistics.median(
-        _capture(loaded, samples, args.batch_size, workdir / f"{name}_trace{rep}", activations=False)[0]
+        time_capture(loaded, samples, args.batch_size, workdir / f"{name}_trace{rep}", activations=False)[0]
         for rep in range(args.repeats))
     cache_bw, sync_bw = _disk(workdir, written)
     p, c = statistics.median(plain), statistics.median(capture)
@@ -316,6 +318,8 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     print(f"gpu_capture_{name}_disk_fsync_gbps: {sync_bw / 1e9:.2f}")
     print(f"gpu_capture_vs_limit_{name}: {c / limit:.3f}")
     print(f"gpu_capture_overhead_{name}: {c / p:.3f}")
+    # the strictest baseline: forwards of already encoded batches (no encoding, no collation)
+    print(f"gpu_capture_overhead_{name}_vs_forward: {c / statistics.median(forward):.3f}")
     if memfs is not None:
         print(f"gpu_capture_overhead_{name}_memfs: {memfs / p:.3f}")
     else:

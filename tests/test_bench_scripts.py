@@ -16,6 +16,10 @@ def test_gpu_capture_smoke_prints_consistent_figures(capsys):
     # the ratios are the printed per-sample times divided as documented (to rounding)
     assert fig["gpu_capture_overhead_llava"] == pytest.approx(
         fig["gpu_capture_llava_capture_ms"] / fig["gpu_capture_llava_plain_ms"], rel=0.02)
+    assert fig["gpu_capture_overhead_llava_vs_forward"] == pytest.approx(
+        fig["gpu_capture_llava_capture_ms"] / fig["gpu_capture_llava_forward_ms"], rel=0.05)
+    # the forwards alone are part of the plain side, so the strict ratio is the larger one
+    assert fig["gpu_capture_overhead_llava_vs_forward"] >= fig["gpu_capture_overhead_llava"] - 1e-3
     if "gpu_capture_llava_memfs_ms" in fig:
         assert fig["gpu_capture_overhead_llava_memfs"] == pytest.approx(
             fig["gpu_capture_llava_memfs_ms"] / fig["gpu_capture_llava_plain_ms"], rel=0.02)
