@@ -14,6 +14,8 @@ tokens) and a word-level tokenizer, and ~640-token samples. Then, alternating, i
   reads and encodes ahead on a thread of its own (``encode_collate_ms`` says what that is worth);
 - ``capture``: :class:`capture.runner.CaptureRunner` writing every layer x every token to a
   run store on local disk (nnsight trace, device gather, pinned async copy, writer threads);
+  its LM head projects only the positions that score the answer, where ``model(...)`` projects
+  all (2% of a 7B forward's FLOPs, 9% of a 30B-A3B's active ones: a 152k vocabulary);
 - ``trace_only``: the same capture with ``capture.activations=false`` (nnsight trace, checks and
   records; no gather, host copy or block write), to tell the trace's cost from the store's;
 - ``memfs``: the capture again with the run store on ``/dev/shm`` (RAM, where fsync costs

@@ -681,13 +681,12 @@ def causal_sample(loaded: "LoadedModel", sample: "PromptSample", *, methods: Seq
 
 
 def run_causal(loaded: "LoadedModel", batch: "Batch", cfg: "CausalConfig", *, coords: dict[str, list[Any]],
-               clean: Any = None, donors: "Sequence[PromptSample | None] | None" = None,
-               envoy: Any = None) -> list[dict[str, Any]]:
+               donors: "Sequence[PromptSample | None] | None" = None, envoy: Any = None) -> list[dict[str, Any]]:
     """Causal tracing of every sample of a runner batch (the runner's intervention hook).
 
     Each sample runs on its own, unpadded: its clean pass and its patched runs are then the same
-    computation, so ``delta`` is not polluted by padding numerics (visible in bfloat16). The
-    runner's batched ``clean`` trace is therefore not used.
+    computation, so ``delta`` is not polluted by padding numerics (visible in bfloat16); the
+    runner's batched capture trace is not reused.
 
     Parameters
     ----------
@@ -700,8 +699,6 @@ def run_causal(loaded: "LoadedModel", batch: "Batch", cfg: "CausalConfig", *, co
     coords
         The run's coords: ``layer``, ``method``, ``channel`` give the variants and the order of
         the returned arrays.
-    clean
-        Accepted for the runner's hook signature; unused (see above).
     donors
         Per sample, its swap donor encoded with the donor's own answer (``pick_donor`` picks
         which dataset row); needed when ``swap`` is a method.

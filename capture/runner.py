@@ -136,36 +136,6 @@ def bytes_per_token(spec: RunSpec) -> int:
 
 
 @dataclass
-class CleanPass:
-    """What the capture trace hands to the interventions (device tensors, no copies).
-
-    Attributes
-    ----------
-    hidden
-        ``(n_captured, n_stored_tokens_in_batch, hidden)``: the captured layers' block outputs of
-        the batch's stored tokens (``capture.tokens``; all real tokens by default), packed sample
-        after sample (None when activations are off).
-    layers
-        The captured layer ids (``hidden``'s first axis).
-    starts
-        ``starts[i]``: where sample ``i``'s stored tokens begin along ``hidden``'s token axis.
-    logits
-        ``(B, T, V)`` output logits of the padded batch.
-    """
-
-    hidden: torch.Tensor | None
-    layers: list[int]
-    starts: list[int]
-    logits: torch.Tensor
-
-    def sample_hidden(self, i: int, n_tokens: int) -> torch.Tensor:
-        """Sample ``i``'s states, ``(n_captured, n_tokens, hidden)`` (a view; ``n_tokens`` stored)."""
-        if self.hidden is None:
-            raise ValueError("activations were not captured in this run")
-        return self.hidden[:, self.starts[i]:self.starts[i] + n_tokens]
-
-
-@dataclass
 class CaptureStats:
     """Counters of one capture shard (the CLI's progress line and summary)."""
 
@@ -436,6 +406,7 @@ class CaptureRunner:
         import torch
 
         from capture.prompts import collate
+        from capture.scoring import answer_logprob
 
         loaded, spec = self.loaded, self.spec
         batch = collate(samples, loaded.pad_token_id, self.padding_side).to(self.device)
@@ -462,8 +433,11 @@ class CaptureRunner:
             # body at every block: 0.4-0.7 ms apiece on an H100 host, measured as 7 ms per sample
             # on a 7B forward of 30 ms and 16 ms on a 30B-A3B forward of 86 ms.  The cache holds
             # every block's output until the loop below, as output_hidden_states would.
-            # No KV cache: one forward does not need it (~0.5 MB per token).
-            with self.envoy.trace(**loaded.forward_inputs(batch.inputs), use_cache=False) as tracer:
+            # No KV cache: one forward does not need it (~0.5 MB per token).  The LM head projects
+            # only the positions that score an answer (logits of all T would be B x T x V).
+            answer_mask, scored = self._scored(batch)
+            with self.envoy.trace(**loaded.forward_inputs(batch.inputs), use_cache=False,
+                                  logits_to_keep=1 if scored is None else scored) as tracer:
                 outputs = tracer.cache(modules=blocks, device=None)
                 logits = self.envoy.output.logits.save()
             for layer, block in enumerate(blocks):
@@ -478,12 +452,14 @@ class CaptureRunner:
                 sums = flat.sum(dim=-1).index_select(0, index.to(flat.device))
                 bad[layer] = ~torch.isfinite(sums).to(self.device)
             del outputs, flat
-            clean = CleanPass(hidden=packed, layers=list(spec.layers), starts=kept_starts, logits=logits)
-            small: dict[str, Any] = {"bad": bad, "logp": self._logp_clean(batch, logits)}
+            # onto the input device: the async copy runs on that device's copy stream
+            logp = None if scored is None else answer_logprob(
+                logits, batch.inputs["input_ids"], answer_mask, scored).to(self.device)
+            small: dict[str, Any] = {"bad": bad, "logp": logp}
             if packed is not None and spec.hidden_encoding == "float16" and dtype != torch.float16:
                 packed, small["overflow"] = self._to_float16(packed, kept_starts, [len(k) for k in kept])
             host, event = self._to_host({"hidden": packed, **small})
-            values, errors = self._interventions(batch, clean)
+            values, errors = self._interventions(batch)
         self._batches_since_gc += 1
         if self.cuda and self._batches_since_gc >= 50:
             gc.collect()  # repeated traces keep graph objects alive (TOOLING.md)
@@ -491,19 +467,19 @@ class CaptureRunner:
         return _InFlight(samples=samples, starts=starts, kept=kept, kept_starts=kept_starts, host=host,
                          values=values, event=event, errors=errors)
 
-    def _logp_clean(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
+    @staticmethod
+    def _scored(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's ``(B, T)`` answer mask and the positions whose logits score it (None:
+        no answers)."""
         import torch
 
-        from capture.scoring import answer_logprob
+        from capture.scoring import scored_positions
 
-        if not any(s.answer_ids.size for s in batch.samples):
-            return None
         mask = torch.zeros(batch.inputs["input_ids"].shape, dtype=torch.bool)
         for i, s in enumerate(batch.samples):
             mask[i, batch.token_slice(i)] = torch.from_numpy(s.is_answer)
-        ids = batch.inputs["input_ids"].to(logits.device)
-        # onto the input device: the async copy runs on that device's copy stream
-        return answer_logprob(logits, ids, mask.to(logits.device)).to(self.device)
+        # on the CPU: it indexes the last device's hidden states under device_map="auto" too
+        return mask, scored_positions(mask) if bool(mask.any()) else None
 
     def _to_float16(self, packed: torch.Tensor, starts: list[int], lengths: list[int]) -> tuple:
         import torch
@@ -539,7 +515,7 @@ class CaptureRunner:
             done.record(self.copy_stream)
         return host, done
 
-    def _interventions(self, batch: Batch, clean: CleanPass) -> tuple[list[dict[str, Any]], list[str]]:
+    def _interventions(self, batch: Batch) -> tuple[list[dict[str, Any]], list[str]]:
         """The hook where causal tracing and truncation fill ``SampleRecord.values``."""
         n = len(batch)
         values: list[dict[str, Any]] = [{} for _ in range(n)]
@@ -552,12 +528,12 @@ class CaptureRunner:
 
             donors = self._donors(batch) if "swap" in capture_cfg.causal.methods else None
             hooks.append(lambda: causal.run_causal(self.loaded, batch, capture_cfg.causal, coords=coords,
-                                                   clean=clean, donors=donors, envoy=self.envoy))
+                                                   donors=donors, envoy=self.envoy))
         if capture_cfg.truncation.modes:
             from capture import truncation
 
             hooks.append(lambda: truncation.run_truncation(self.loaded, batch, capture_cfg.truncation,
-                                                           coords=coords, clean=clean, envoy=self.envoy))
+                                                           coords=coords, envoy=self.envoy))
         for hook in hooks:
             try:
                 for i, extra in enumerate(hook()):

@@ -90,18 +90,38 @@ def gathered_logprobs(logits: "torch.Tensor", targets: "torch.Tensor") -> "torch
     return lp.gather(-1, targets.to(lp.device).long()[:, None])[:, 0]
 
 
+def scored_positions(is_answer: "torch.Tensor") -> "torch.Tensor":
+    """The sequence indices whose logits the answer scores read, sorted, for all rows at once.
+
+    Passed to a forward as ``logits_to_keep``, the LM head projects these few positions instead
+    of all ``T`` (a ``(B, T, V)`` logits tensor of a 150k vocabulary is ~0.3 MB per token);
+    the scores then take them as ``positions``.
+
+    >>> import torch
+    >>> scored_positions(torch.tensor([[False, True, True], [False, False, True]])).tolist()
+    [0, 1]
+    """
+    import torch
+
+    _, pos = predicting_positions(is_answer)
+    return torch.unique(pos)
+
+
 def answer_token_logprobs(logits: "torch.Tensor", input_ids: "torch.Tensor",
-                          is_answer: "torch.Tensor") -> "torch.Tensor":
+                          is_answer: "torch.Tensor", positions: "torch.Tensor | None" = None) -> "torch.Tensor":
     """Per-token log-probabilities of the answer tokens, row-major (float64).
 
     Parameters
     ----------
     logits
-        ``(B, T, V)`` logits of the full sequences.
+        ``(B, T, V)`` logits of the full sequences, or ``(B, len(positions), V)``.
     input_ids
         ``(B, T)`` token ids (the answer appended to the prompt).
     is_answer
         ``(B, T)`` boolean answer mask.
+    positions
+        The sequence indices ``logits``' axis 1 holds (:func:`scored_positions`, or a superset of
+        it, sorted); None when it holds all ``T``.
 
     Returns
     -------
@@ -115,22 +135,28 @@ def answer_token_logprobs(logits: "torch.Tensor", input_ids: "torch.Tensor",
     >>> answer_token_logprobs(logits, torch.tensor([[2, 1, 3]]), torch.tensor([[False, True, True]])).tolist()
     [0.0, 0.0]
     """
+    import torch
+
     rows, pos = predicting_positions(is_answer)
     targets = input_ids[rows, pos + 1]
-    return gathered_logprobs(logits[rows, pos], targets)
+    cols = pos if positions is None else torch.searchsorted(positions.to(pos.device), pos)
+    return gathered_logprobs(logits[rows.to(logits.device), cols.to(logits.device)], targets)
 
 
-def answer_logprob(logits: "torch.Tensor", input_ids: "torch.Tensor", is_answer: "torch.Tensor") -> "torch.Tensor":
+def answer_logprob(logits: "torch.Tensor", input_ids: "torch.Tensor", is_answer: "torch.Tensor",
+                   positions: "torch.Tensor | None" = None) -> "torch.Tensor":
     """Summed teacher-forced log-probability of each row's answer, ``s = sum_i log p(a_i | prefix)``.
 
     Parameters
     ----------
     logits
-        ``(B, T, V)`` logits.
+        ``(B, T, V)`` logits, or ``(B, len(positions), V)``.
     input_ids
         ``(B, T)`` token ids with the answer appended (left or right padded).
     is_answer
         ``(B, T)`` boolean answer mask; a row without answer tokens scores NaN.
+    positions
+        As in :func:`answer_token_logprobs`.
 
     Returns
     -------
@@ -149,7 +175,7 @@ def answer_logprob(logits: "torch.Tensor", input_ids: "torch.Tensor", is_answer:
     import torch
 
     rows, _ = predicting_positions(is_answer)
-    per_token = answer_token_logprobs(logits, input_ids, is_answer)
+    per_token = answer_token_logprobs(logits, input_ids, is_answer, positions)
     n_rows = input_ids.shape[0] if input_ids.dim() == 2 else 1
     total = torch.zeros(n_rows, dtype=torch.float64, device=per_token.device)
     total.index_add_(0, rows.to(per_token.device), per_token)

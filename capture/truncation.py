@@ -254,8 +254,11 @@ def truncation_sample(loaded: "LoadedModel", sample: "PromptSample", *, modes: S
 
 
 def run_truncation(loaded: "LoadedModel", batch: "Batch", cfg: "TruncationConfig", *,
-                   coords: dict[str, list[Any]], clean: Any = None, envoy: Any = None) -> list[dict[str, Any]]:
+                   coords: dict[str, list[Any]], envoy: Any = None) -> list[dict[str, Any]]:
     """Truncation of every sample of a runner batch (the runner's intervention hook).
+
+    Each sample runs on its own, unpadded, with its own clean pass as the baseline, so baseline
+    and truncated scores are the same computation.
 
     Parameters
     ----------
@@ -267,9 +270,6 @@ def run_truncation(loaded: "LoadedModel", batch: "Batch", cfg: "TruncationConfig
         ``capture.truncation`` (``score``, ``max_new_tokens``).
     coords
         The run's coords: ``trunc_layer`` (baseline ``-1`` first) and ``mode``.
-    clean
-        Accepted for the runner's hook signature; unused (each sample's own clean pass is
-        the baseline, so baseline and truncated scores are the same computation).
     envoy
         The runner's ``nnsight.NNsight`` wrapper of the model.
 

@@ -173,7 +173,19 @@ def test_logp_clean_is_the_answer_logprob(tiny_checkpoint, tmp_path):
     path = tiny_checkpoint("llava", n_layers=3)
     loaded = load_model(_cfg(path).model)
     samples = _samples(2)
-    _, ds = _capture(loaded, _cfg(path, batch_size=2), samples, tmp_path / "run")
+    projected = []
+    hook = loaded.model.lm_head.register_forward_hook(lambda m, args, out: projected.append(tuple(args[0].shape[:2])))
+    try:
+        _, ds = _capture(loaded, _cfg(path, batch_size=2), samples, tmp_path / "run")
+    finally:
+        hook.remove()
+    # one batch of both (right padded): the LM head saw only the positions predicting an answer
+    predicting = set()
+    for sample in samples:
+        enc, _, n = _reference(loaded, sample)
+        length = enc["input_ids"].shape[1]
+        predicting |= set(range(length - n - 1, length - 1))
+    assert projected == [(2, len(predicting))]
     for row, sample in enumerate(samples):
         enc, _, n = _reference(loaded, sample)
         with torch.no_grad():

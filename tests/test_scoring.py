@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from capture.scoring import answer_logprob, answer_token_logprobs, gathered_logprobs, predicting_positions
+from capture.scoring import (answer_logprob, answer_token_logprobs, gathered_logprobs, predicting_positions,
+                             scored_positions)
 
 
 def one_hot_logits(seq: int, vocab: int, picks: dict[int, tuple[int, float]]) -> torch.Tensor:
@@ -62,6 +63,10 @@ def test_left_and_right_padding_give_the_same_score(pad):
     logits[1, pad:], ids[1, pad:], mask[1, pad:] = core_logits, core_ids, core_answer
     got = answer_logprob(logits, ids, mask)
     assert got.tolist() == pytest.approx([unpadded, unpadded], abs=1e-9)
+    # the logits of the scored positions alone (a forward's logits_to_keep) give the same scores
+    kept = scored_positions(mask)
+    assert kept.tolist() == sorted({2, 3, 4, pad + 2, pad + 3, pad + 4})
+    assert answer_logprob(logits[:, kept], ids, mask, kept).tolist() == pytest.approx(got.tolist(), abs=1e-12)
     # Independent sum of the three predicting positions of the unpadded row.
     lp = torch.log_softmax(core_logits.double(), -1)
     assert unpadded == pytest.approx(sum(lp[p - 1, core_ids[p]].item() for p in (3, 4, 5)), abs=1e-9)
