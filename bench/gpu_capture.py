@@ -29,7 +29,8 @@ max(plain, bytes / raw fsynced write speed), the physical limit of TOOLING.md me
 run (the store fsyncs its blocks before committing them, and a long run goes at the disk's speed
 whatever it does once the page cache is full);
 ``gpu_capture_overhead_<m>_vs_forward`` = capture / the forwards alone (already encoded batches);
-``gpu_capture_overhead_<m>_memfs`` = memfs / plain; plus per-sample milliseconds, GB/s and the
+``gpu_capture_overhead_<m>_memfs`` = memfs / plain; the peak GPU memory of plain and of capture
+(weights included); plus per-sample milliseconds, GB/s and the
 time the loop waited for the store (``RunWriter.wait_seconds``). If the MoE model does not fit, it is rebuilt with fewer
 layers and ``gpu_capture_qwen3moe_layers`` says how many. Last, ``gpu_causal_sweep_speedup``:
 the all-layer causal sweep of :func:`bench.bench_causal.gpu_figures` (``--no-causal`` skips it).
@@ -224,6 +225,22 @@ def _disk(directory: Path, n_bytes: int) -> tuple[float, float]:
     return speeds[0], speeds[1]
 
 
+@contextlib.contextmanager
+def _peak_memory(device: str) -> Iterator[list[int]]:
+    """A list that holds, after the block, the peak bytes the CUDA allocator held in it (empty
+    on the CPU)."""
+    import torch
+
+    peak: list[int] = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    yield peak
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak.append(torch.cuda.max_memory_allocated())
+
+
 MEMFS = Path("/dev/shm")
 
 
@@ -274,7 +291,8 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     # All plain timings first: nnsight's wrapper patches the model's modules for good, so the
     # baseline must run before the first capture wraps it (GPU timings need no interleaving).
     time_plain(loaded, warm, args.batch_size)
-    plain, forward = zip(*[time_plain(loaded, samples, args.batch_size) for _ in range(args.repeats)])
+    with _peak_memory(device) as plain_peak:
+        plain, forward = zip(*[time_plain(loaded, samples, args.batch_size) for _ in range(args.repeats)])
     time_capture(loaded, warm, args.batch_size, workdir / f"{name}_warm")
 
     def captures(directory: Path, tag: str, repeats: int = args.repeats) -> list[tuple[float, int, int, float]]:
@@ -284,7 +302,8 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
             shutil.rmtree(directory / f"{name}_{tag}{rep}")
         return out
 
-    disk_runs = captures(workdir, "disk")
+    with _peak_memory(device) as capture_peak:
+        disk_runs = captures(workdir, "disk")
     capture, wait = [r[0] for r in disk_runs], [r[3] for r in disk_runs]
     written, n_ok = disk_runs[-1][1], disk_runs[-1][2]
     memfs, memfs_by_threads = None, {}
@@ -315,6 +334,9 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
         print(f"gpu_capture_{name}_memfs_ms: {memfs / n * 1e3:.1f}")
         print(f"# {name}: memfs ms/sample by I/O threads (default {store.writer.IO_THREADS}): "
               + ", ".join(f"{k}: {v / n * 1e3:.1f}" for k, v in memfs_by_threads.items()))
+    if plain_peak:  # weights included: what a batch adds is the difference
+        print(f"gpu_capture_{name}_peak_gib_plain: {plain_peak[0] / 2**30:.2f}")
+        print(f"gpu_capture_{name}_peak_gib_capture: {capture_peak[0] / 2**30:.2f}")
     print(f"gpu_capture_{name}_store_gbps: {written / c / 1e9:.2f}")
     print(f"gpu_capture_{name}_disk_gbps: {cache_bw / 1e9:.2f}")
     print(f"gpu_capture_{name}_disk_fsync_gbps: {sync_bw / 1e9:.2f}")
