@@ -3,12 +3,13 @@
 Samples are read and encoded (chat template, processor) a window ahead on a background thread,
 so image decoding and preprocessing overlap the GPU.  Per batch of similar-length samples:
 
-1. one ``nnsight`` trace of the plain forward; inside it, each decoder block's output is gathered
-   (only the batch's stored tokens: ``capture.tokens`` of the real tokens, no padding) straight
-   into one packed device buffer ``(n_captured_layers, n_stored_tokens_in_batch, hidden)``, and a
-   per-layer non-finite flag is kept for every real token;
-2. on CUDA the buffer is copied to pinned host memory on a side stream, so the copy overlaps
-   the next batch's forward (and this batch's interventions); on CPU it already is host memory;
+1. one ``nnsight`` trace of the plain forward, whose cache keeps every decoder block's output;
+   after it, a per-layer non-finite flag is computed for every real token;
+2. the stored tokens (``capture.tokens`` of the real tokens, no padding) of the captured layers
+   are copied from those outputs, run by run of consecutive tokens, into one host buffer
+   ``(n_captured_layers, n_stored_tokens_in_batch, hidden)``: on CUDA a pinned one, on a side
+   stream, so the copies overlap the next batch's forward (and this batch's interventions) and
+   no device-side copy of the states is made;
 3. the interventions (``capture.causal.run_causal``, ``capture.truncation.run_truncation``) run
    on the same batch when the config asks for them and fill ``SampleRecord.values``;
 4. when the copy's event has fired, one :class:`~schemas.run.SampleRecord` per sample goes to
@@ -159,18 +160,59 @@ class CaptureStats:
         return self.n_failed - self.failures.get(STATUS_DATA, 0)
 
 
+MAX_RUNS_PER_SAMPLE = 8  # runs of consecutive stored rows per sample copied one by one
+
+
+def row_runs(rows: np.ndarray) -> np.ndarray:
+    """``(source row, destination row, length)`` of each run of consecutive values of ``rows``
+    (ascending), destinations counting from 0 in order: how to copy ``x[rows]`` run by run.
+
+    >>> row_runs(np.array([3, 4, 5, 9, 10, 20])).tolist()
+    [[3, 0, 3], [9, 3, 2], [20, 5, 1]]
+    """
+    if rows.size == 0:
+        return np.zeros((0, 3), np.int64)
+    firsts = np.concatenate([[0], np.flatnonzero(np.diff(rows) != 1) + 1])
+    lengths = np.diff(np.concatenate([firsts, [rows.size]]))
+    return np.stack([rows[firsts], firsts, lengths], axis=1)
+
+
+@dataclass
+class _StoredRows:
+    """A batch's stored states where the forward left them: ``sources`` are ``(slot, rows)``
+    pairs (a captured layer's block output as ``(B * T, hidden)``, or its rows already gathered),
+    and run ``(s, d, n)`` of ``runs`` puts ``rows[s:s + n]`` at host rows ``d:d + n``."""
+
+    shape: tuple[int, int, int]
+    dtype: Any
+    sources: list[tuple[int, Any]]
+    runs: np.ndarray
+
+    def copy_into(self, dest: torch.Tensor, stream: Any = None) -> None:
+        """Copy every run into ``dest`` ``(n_captured, rows, hidden)``; asynchronously on
+        ``stream`` when given (a CUDA side stream)."""
+        runs = self.runs.tolist()
+        for slot, rows in self.sources:
+            for s, d, n in runs:
+                dest[slot, d:d + n].copy_(rows[s:s + n], non_blocking=stream is not None)
+            if stream is not None:
+                # made on the compute stream; keep its memory until the side stream has copied it
+                rows.record_stream(stream)
+
+
 @dataclass
 class _InFlight:
     """A batch whose forward is done and whose host copy may still be running.
 
-    ``host`` holds ``hidden`` (packed stored states), ``bad`` (per-layer non-finite flags of every
-    real token), ``logp`` (clean answer log-prob per row) and ``overflow`` (float16 clip counts).
+    ``host`` holds ``hidden`` (the captured layers' states; each sample's stored tokens are
+    consecutive there), ``bad`` (per-layer non-finite flags of every real token), ``logp`` (clean
+    answer log-prob per row) and ``overflow`` (float16 clip counts).
     """
 
     samples: list[PromptSample]
     starts: list[int]  # sample i's first token along ``bad``'s token axis (every real token)
     kept: list[np.ndarray]  # sample i's stored tokens (indices into its own tokens)
-    kept_starts: list[int]  # where they begin along ``hidden``'s token axis
+    kept_starts: list[int]  # where they begin along the host ``hidden``'s token axis
     host: dict[str, Any]
     values: list[dict[str, Any]]
     event: Any  # torch.cuda.Event, or None on CPU
@@ -414,16 +456,31 @@ class CaptureRunner:
         starts = list(np.cumsum([0] + batch.lengths[:-1]))
         kept = [stored_tokens(s, self.cfg.capture.tokens) for s in samples]
         kept_starts = list(np.cumsum([0] + [len(k) for k in kept[:-1]]))
-        # Flat (row * T + column) indices of the real tokens and of the stored ones, packed sample
-        # after sample; with the default capture.tokens="all" they are the same.
+        # Flat (row * T + column) indices of the real tokens and of the stored ones, sample after
+        # sample; with the default capture.tokens="all" they are the same.
         index = torch.cat([torch.arange(batch.offsets[i], batch.offsets[i] + n) + i * width
                            for i, n in enumerate(batch.lengths)]).to(self.device)
-        keep = index if self.cfg.capture.tokens == "all" else torch.from_numpy(np.concatenate(
-            [k + batch.offsets[i] + i * width for i, k in enumerate(kept)])).to(self.device)
-        n_real, n_kept, hidden = int(index.numel()), int(keep.numel()), loaded.hidden_size
+        keep_rows = np.concatenate([k + batch.offsets[i] + i * width for i, k in enumerate(kept)])
+        n_real, hidden = int(index.numel()), loaded.hidden_size
+        gather = False
+        if self.cfg.capture.tokens == "all":
+            # whole padded layers go to the host, one copy each (length batching keeps the padding
+            # small); each sample's rows are sliced out there
+            n_host = len(samples) * width
+            runs = np.array([[0, 0, n_host]])
+            host_starts = [i * width + batch.offsets[i] for i in range(len(samples))]
+        else:
+            n_host, host_starts, runs = len(keep_rows), kept_starts, row_runs(keep_rows)
+            # scattered stored rows are gathered on the device first: one copy, not many
+            if len(runs) > MAX_RUNS_PER_SAMPLE * len(samples):
+                gather, runs = True, np.array([[0, 0, n_host]])
         dtype = loaded.model.get_input_embeddings().weight.dtype
-        packed = (torch.empty((len(spec.layers), n_kept, hidden), dtype=dtype, device=self.device)
-                  if spec.layers else None)
+        to_float16 = spec.hidden_encoding == "float16" and dtype != torch.float16
+        keep = torch.from_numpy(keep_rows).to(self.device) if gather or to_float16 else None
+        # per flat row: how many of its values float16 clips, over the captured layers
+        overflow = (torch.zeros(len(samples) * width, dtype=torch.int64, device=self.device)
+                    if to_float16 else None)
+        sources: list[tuple[int, torch.Tensor]] = []
         bad = torch.empty((loaded.n_layers, n_real), dtype=torch.bool, device=self.device)
         slot = self.layer_slot
         blocks = loaded.layer_envoys(self.envoy)
@@ -432,7 +489,8 @@ class CaptureRunner:
             # each block's `.output` in the trace body costs a handoff between the model and the
             # body at every block: 0.4-0.7 ms apiece on an H100 host, measured as 7 ms per sample
             # on a 7B forward of 30 ms and 16 ms on a 30B-A3B forward of 86 ms.  The cache holds
-            # every block's output until the loop below, as output_hidden_states would.
+            # every block's output until the loop below, as output_hidden_states would; their
+            # stored rows go to the host straight from there (no device copy of them is made).
             # No KV cache: one forward does not need it (~0.5 MB per token).  The LM head projects
             # only the positions that score an answer (logits of all T would be B x T x V).
             answer_mask, scored = self._scored(batch)
@@ -442,29 +500,39 @@ class CaptureRunner:
                 logits = self.envoy.output.logits.save()
             for layer, block in enumerate(blocks):
                 flat = outputs[block.path].output.reshape(-1, hidden)
-                if layer in slot and flat.device == packed.device:
-                    torch.index_select(flat, 0, keep, out=packed[slot[layer]])  # straight into the buffer
-                elif layer in slot:  # on another GPU under device_map="auto"
-                    packed[slot[layer]] = flat.index_select(0, keep.to(flat.device)).to(self.device)
                 # every real token is checked, stored or not (a NaN spreads through attention).
                 # A row sum is NaN/inf iff the row holds one (or overflows, ~1e38): a cheap
                 # reduction instead of a full-size isfinite mask, read once, padding included
                 sums = flat.sum(dim=-1).index_select(0, index.to(flat.device))
                 bad[layer] = ~torch.isfinite(sums).to(self.device)
+                if layer not in slot:
+                    continue
+                rows = flat
+                if to_float16:
+                    limit = torch.finfo(torch.float16).max
+                    overflow += (flat.abs() > limit).sum(dim=-1).to(self.device)
+                    rows = flat.clamp(-limit, limit).to(torch.float16)
+                if gather:
+                    rows = rows.index_select(0, keep.to(rows.device))
+                sources.append((slot[layer], rows.to(self.device)))  # from another GPU under device_map="auto"
             del outputs, flat
             # onto the input device: the async copy runs on that device's copy stream
             logp = None if scored is None else answer_logprob(
                 logits, batch.inputs["input_ids"], answer_mask, scored).to(self.device)
             small: dict[str, Any] = {"bad": bad, "logp": logp}
-            if packed is not None and spec.hidden_encoding == "float16" and dtype != torch.float16:
-                packed, small["overflow"] = self._to_float16(packed, kept_starts, [len(k) for k in kept])
-            host, event = self._to_host({"hidden": packed, **small})
+            if to_float16 and spec.layers:
+                per_token = overflow.index_select(0, keep)
+                small["overflow"] = torch.stack([per_token[a:a + len(k)].sum()
+                                                 for a, k in zip(kept_starts, kept)])
+            stored = _StoredRows(shape=(len(spec.layers), n_host, hidden), sources=sources, runs=runs,
+                                 dtype=torch.float16 if to_float16 else dtype) if spec.layers else None
+            host, event = self._to_host(small, stored)
             values, errors = self._interventions(batch)
         self._batches_since_gc += 1
         if self.cuda and self._batches_since_gc >= 50:
             gc.collect()  # repeated traces keep graph objects alive (TOOLING.md)
             self._batches_since_gc = 0
-        return _InFlight(samples=samples, starts=starts, kept=kept, kept_starts=kept_starts, host=host,
+        return _InFlight(samples=samples, starts=starts, kept=kept, kept_starts=host_starts, host=host,
                          values=values, event=event, errors=errors)
 
     @staticmethod
@@ -481,28 +549,27 @@ class CaptureRunner:
         # on the CPU: it indexes the last device's hidden states under device_map="auto" too
         return mask, scored_positions(mask) if bool(mask.any()) else None
 
-    def _to_float16(self, packed: torch.Tensor, starts: list[int], lengths: list[int]) -> tuple:
-        import torch
-
-        limit = torch.finfo(torch.float16).max
-        over = (packed.abs() > limit).sum(dim=(0, 2))  # per token
-        per_sample = torch.stack([over[a:a + n].sum() for a, n in zip(starts, lengths)])
-        return packed.clamp(-limit, limit).to(torch.float16), per_sample
-
-    def _to_host(self, tensors: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        """Start the device -> host copies; returns the host tensors and the event to wait for.
+    def _to_host(self, tensors: dict[str, Any], stored: _StoredRows | None) -> tuple[dict[str, Any], Any]:
+        """Start the device -> host copies; returns the host tensors (``hidden`` assembled from
+        ``stored``) and the event to wait for.
 
         Nothing here waits for the GPU, so the copies overlap whatever is queued next.
         """
         import torch
 
+        host: dict[str, Any] = {}
+        if stored is not None:
+            host["hidden"] = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=self.cuda)
         if not self.cuda:
-            return tensors, None
+            if stored is not None:
+                stored.copy_into(host["hidden"])
+            return {**tensors, **host}, None
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
-        host: dict[str, Any] = {}
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(ready)
+            if stored is not None:
+                stored.copy_into(host["hidden"], self.copy_stream)
             for name, tensor in tensors.items():
                 if tensor is None or tensor.device.type != "cuda":
                     host[name] = tensor

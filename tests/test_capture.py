@@ -406,7 +406,11 @@ def test_writer_refuses_a_sample_committed_ok(tmp_path):
             w.put(make_record(0, spec))
 
 
-def test_layer_subset_and_float16_storage(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("max_runs", [8, 0])
+def test_layer_subset_and_float16_storage(tiny_checkpoint, tmp_path, max_runs, monkeypatch):
+    from capture import runner
+
+    monkeypatch.setattr(runner, "MAX_RUNS_PER_SAMPLE", max_runs)
     path = tiny_checkpoint("qwen3_vl", n_layers=3)
     loaded = load_model(_cfg(path).model)
     sample = _samples(1)[0]
@@ -444,9 +448,15 @@ def _question_mask(ids: np.ndarray, question_ids: list[int]) -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize("family,padding_side", [("llava", "right"), ("qwen2_vl", "left")])
-def test_token_subset_stores_exactly_the_selected_tokens(tiny_checkpoint, family, padding_side, tmp_path):
+# max_runs 0: every layer's stored rows are gathered on the device before their one host copy
+@pytest.mark.parametrize("family,padding_side,max_runs", [("llava", "right", 8), ("qwen2_vl", "left", 8),
+                                                          ("qwen2_vl", "right", 0)])
+def test_token_subset_stores_exactly_the_selected_tokens(tiny_checkpoint, family, padding_side, max_runs,
+                                                         tmp_path, monkeypatch):
+    from capture import runner
     from store.inspect import verify_run
+
+    monkeypatch.setattr(runner, "MAX_RUNS_PER_SAMPLE", max_runs)
 
     path = tiny_checkpoint(family, n_layers=3)
     loaded = load_model(_cfg(path).model)

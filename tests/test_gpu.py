@@ -1,7 +1,8 @@
 """The CUDA-only paths of capture, on a real GPU (``pytest -m gpu`` on the device machine).
 
-On CUDA the runner gathers each block's output into a device buffer, copies it to pinned host
-memory on a side stream while the next batch runs, and recovers from real out-of-memory errors.
+On CUDA the runner copies the stored rows of each block's output to pinned host memory on a side
+stream while the next batch runs (gathering scattered token subsets on the device first), and
+recovers from real out-of-memory errors.
 These tests run those paths for real and compare every stored state with an fp32 forward of
 the same checkpoint on the CPU.  They are skipped where no GPU exists (CI runs ``-m 'not gpu'``).
 """
@@ -65,6 +66,27 @@ def test_cuda_capture_equals_the_cpu_forward(tiny_checkpoint, family, tmp_path):
         np.testing.assert_array_equal(ds["input_ids"].values[sel], enc["input_ids"][0].numpy())
         for layer in range(cpu.n_layers - 1):
             np.testing.assert_allclose(hidden[layer][sel], ref[layer + 1][0].numpy(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("max_runs", [8, 0])
+def test_cuda_token_subsets_and_float16_equal_the_cpu_ones(tiny_checkpoint, max_runs, tmp_path, monkeypatch):
+    # Stored rows copied run by run (8) or gathered on the device first (0), converted to float16
+    # on the device, against the same capture on the CPU.
+    from capture import runner
+
+    monkeypatch.setattr(runner, "MAX_RUNS_PER_SAMPLE", max_runs)
+    path = tiny_checkpoint("qwen2_vl", n_layers=3)
+    runs = {}
+    for device_map in ("auto", "cpu"):
+        loaded = load_model(_cfg(path, device_map).model)
+        cfg = _cfg(path, device_map, batch_size=3, tokens=["visual", "answer"], store_dtype="float16")
+        _, runs[device_map] = _capture(loaded, cfg, _samples(5), tmp_path / device_map)
+    gpu, cpu = runs["auto"], runs["cpu"]
+    assert gpu.sizes["token"] == cpu.sizes["token"] > 0
+    for name in ("input_ids", "position", "is_visual", "is_answer", "token_sample"):
+        np.testing.assert_array_equal(gpu[name].values, cpu[name].values, err_msg=name)
+    np.testing.assert_allclose(gpu["hidden"].values, cpu["hidden"].values, atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(gpu["fp16_overflow"].values, cpu["fp16_overflow"].values)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen3_vl_moe"])
