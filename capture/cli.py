@@ -2,8 +2,8 @@
 
 Exit codes: 0 when every sample of the shard is ``ok`` or failed for a data reason (bad image,
 ...), also after a stop requested by SIGTERM/SIGUSR1 once the committed work is consistent;
-1 when samples failed for other reasons (NaN/inf, out of memory, an intervention error) or on a
-user-facing error (one line).  Those failures stay in the store until ``--resume --retry-failed``
+1 when samples failed for other reasons (NaN/inf, out of memory, a model or intervention error)
+or on a user-facing error (one line).  Those failures stay in the store until ``--resume --retry-failed``
 captures them again (after lowering ``capture.batch_size``, on a larger GPU, ...).
 """
 

@@ -101,13 +101,27 @@ def render_prompt(processor: Any, question: str, has_image: bool) -> str:
                                          add_generation_prompt=True)
 
 
-def _question_span(prompt: str, question: str, sample_id: str) -> tuple[int, int]:
-    # The user turn is the last place the question appears (a system prompt comes earlier).
-    for candidate in (question, question.strip()):
-        if candidate:
-            start = prompt.rfind(candidate)
-            if start >= 0:
-                return start, start + len(candidate)
+QUESTION_MARK = "GAPQUESTIONMARK"  # the question's stand-in in a second rendering of the template
+
+
+def _question_span(processor: Any, prompt: str, question: str, has_image: bool, sample_id: str) -> tuple[int, int]:
+    """Characters of ``prompt`` that are the question.
+
+    Where the template puts the user's text is found by rendering it again with a marker in the
+    question's place: the question's own text may also stand in a system prompt or in the
+    template's words (a question "assistant", "a" or "USER").
+    """
+    marked = render_prompt(processor, QUESTION_MARK, has_image)
+    start = marked.find(QUESTION_MARK)
+    candidates = [c for c in (question, question.strip()) if c]
+    for candidate in candidates:
+        if start >= 0 and prompt.startswith(candidate, start):
+            return start, start + len(candidate)
+    # a template that rewrites the user's text: its last occurrence (a system prompt comes earlier)
+    for candidate in candidates:
+        found = prompt.rfind(candidate)
+        if found >= 0:
+            return found, found + len(candidate)
     raise GapError(f"sample {sample_id}: the question text does not appear in the rendered chat prompt")
 
 
@@ -185,7 +199,7 @@ def encode_sample(processor: Any, image_token_id: int, sample: dict[str, Any], *
 
     # Question span: offsets of the unexpanded prompt, carried over to the expanded tokens.
     plain = tok(prompt, add_special_tokens=add_special, return_offsets_mapping=True)
-    qs, qe = _question_span(prompt, question, sample_id)
+    qs, qe = _question_span(processor, prompt, question, image is not None, sample_id)
     offsets = np.asarray(plain["offset_mapping"], np.int64).reshape(-1, 2)
     in_question = (offsets[:, 1] > qs) & (offsets[:, 0] < qe) & (offsets[:, 1] > offsets[:, 0])
     src = _align_expanded(plain["input_ids"], ids, image_token_id, sample_id)

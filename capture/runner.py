@@ -70,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 log = logging.getLogger("gap.capture")
 
 SWITCH_INTERVAL_S = 5e-4  # while capturing (see CaptureRunner.run)
+MAX_ERRORS_IN_A_ROW = 8  # samples failing alone with an error, one after another: stop the shard
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -345,6 +346,7 @@ class CaptureRunner:
         self.layer_slot = {layer: j for j, layer in enumerate(spec.layers)}
         self.stats = CaptureStats()
         self._batches_since_gc = 0
+        self._errors_in_a_row = 0
 
     # -- public ---------------------------------------------------------------------------------
     def run(self, items: Iterable[Any], window: int | None = None) -> CaptureStats:
@@ -392,9 +394,18 @@ class CaptureRunner:
                         self.stats.stopped_early = True
                         break
                     for flight in self._process([buffer[i] for i in group]):
-                        if pending is not None:
-                            self._finish(pending)
-                        pending = flight
+                        done, pending = pending, flight
+                        if done is not None:
+                            self._finish(done)
+        except BaseException:
+            # stopped by an error or an interrupt: the batch already captured still reaches the store
+            if pending is not None:
+                done, pending = pending, None
+                try:
+                    self._finish(done)
+                except Exception as exc:  # noqa: BLE001 - the error on its way out matters more
+                    log.warning("the last captured batch could not be stored: %s", _one_line(exc))
+            raise
         finally:
             ahead.close()
         if pending is not None:
@@ -424,25 +435,44 @@ class CaptureRunner:
         return encode
 
     def _process(self, samples: list[PromptSample]) -> list[_InFlight]:
-        """Forward + copy + interventions for one batch; halves it on CUDA OOM."""
+        """Forward + copy + interventions for one batch.
+
+        A failing batch is halved and retried (CUDA OOM, or any error of the model on one of its
+        samples); a sample that fails alone is recorded failed (``oom`` / ``error``) and the shard
+        goes on, unless ``MAX_ERRORS_IN_A_ROW`` samples in a row fail alone with an error: then
+        the model or config is at fault, not the samples, and :class:`GapError` stops the shard.
+        """
         import torch
 
         try:
-            return [self._forward(samples)]
-        except Exception as exc:
-            if not _is_oom(exc):
-                raise
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-        if len(samples) == 1:
-            s = samples[0]
+            flight = self._forward(samples)
+            self._errors_in_a_row = 0
+            return [flight]
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises, this batch only
+            error = exc
+        oom = _is_oom(error)
+        if oom:
+            gc.collect()
+            if self.cuda:
+                torch.cuda.empty_cache()
+        if len(samples) > 1:
+            half = len(samples) // 2
+            log.warning("%s with a batch of %d; retrying as %d + %d",
+                        "CUDA out of memory" if oom else _one_line(error), len(samples), half, len(samples) - half)
+            return self._process(samples[:half]) + self._process(samples[half:])
+        s = samples[0]
+        if oom:
             self._put(self._failed(s, STATUS_OOM, f"CUDA out of memory with {s.n_tokens} tokens alone"))
             return []
-        half = len(samples) // 2
-        log.warning("CUDA out of memory with a batch of %d; retrying as %d + %d", len(samples), half,
-                    len(samples) - half)
-        return self._process(samples[:half]) + self._process(samples[half:])
+        log.warning("sample %s failed: %s", s.meta["sample_id"], _one_line(error),
+                    exc_info=log.isEnabledFor(logging.DEBUG))
+        self._put(self._failed(s, STATUS_ERROR, _one_line(error)))
+        self._errors_in_a_row += 1
+        if self._errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+            raise GapError(f"the model failed on {self._errors_in_a_row} samples in a row (last, "
+                           f"{s.meta['sample_id']}: {_one_line(error)}); stopping: a model or config "
+                           "problem, not bad samples (the records so far are committed)") from error
+        return []
 
     def _forward(self, samples: list[PromptSample]) -> _InFlight:
         import torch
@@ -501,9 +531,10 @@ class CaptureRunner:
             for layer, block in enumerate(blocks):
                 flat = outputs[block.path].output.reshape(-1, hidden)
                 # every real token is checked, stored or not (a NaN spreads through attention).
-                # A row sum is NaN/inf iff the row holds one (or overflows, ~1e38): a cheap
-                # reduction instead of a full-size isfinite mask, read once, padding included
-                sums = flat.sum(dim=-1).index_select(0, index.to(flat.device))
+                # A row sum is NaN/inf iff the row holds one (or overflows, ~1e38, summed in
+                # float32 whatever the model's dtype: float16 sums would overflow at 65504): a
+                # cheap reduction instead of a full-size isfinite mask, read once, padding included
+                sums = flat.sum(dim=-1, dtype=torch.float32).index_select(0, index.to(flat.device))
                 bad[layer] = ~torch.isfinite(sums).to(self.device)
                 if layer not in slot:
                     continue

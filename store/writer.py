@@ -163,6 +163,7 @@ def ensure_run(run: Path, spec: RunSpec, n_shards: int) -> dict[str, Any]:
                 not p.name.startswith(".") and p.name != "slurm" for p in run.iterdir()):
             raise GapError(f"{run} exists and is not a gap run (no zarr.json); choose another --out")
         layout.make_dirs(run)
+        layout.fsync_dir(run.parent)  # the run's own name, also when something else made the folder
         attrs = {**spec.attrs(), "n_shards": n_shards, "provenance": provenance()}
         layout.create_json_exclusive(run / "zarr.json", layout.group_metadata({"gap": attrs}))
         layout.make_dirs(run / layout.PARTS)

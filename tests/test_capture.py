@@ -17,7 +17,8 @@ from PIL import Image
 from capture.family import load_model
 from capture.runner import CaptureRunner, make_spec
 from schemas.config import config_from_dict
-from schemas.run import STATUS_DATA, STATUS_NONFINITE, STATUS_OOM
+from schemas.errors import GapError
+from schemas.run import STATUS_DATA, STATUS_ERROR, STATUS_NONFINITE, STATUS_OOM
 from store import open_run
 from store.writer import RunWriter
 
@@ -233,6 +234,23 @@ def test_nonfinite_sample_fails_naming_the_layer(tiny_checkpoint, tmp_path):
     assert stats.n_bad == 1
 
 
+def test_large_finite_float16_states_are_not_called_nonfinite(tiny_checkpoint, tmp_path):
+    # A float16 row whose values are finite may sum past float16's 65504 (massive activations):
+    # only a real NaN/inf fails a sample.
+    path = tiny_checkpoint("llava", n_layers=2)
+    cfg = config_from_dict({"model": {"path": str(path), "dtype": "float16"}, "capture": {"batch_size": 2}})
+    loaded = load_model(cfg.model)
+    shift = 70000.0 / loaded.hidden_size  # each value small, each row's sum beyond 65504
+    handle = loaded.layers()[0].mlp.register_forward_hook(lambda m, args, out: out + shift)
+    try:
+        stats, ds = _capture(loaded, cfg, _samples(2), tmp_path / "run")
+    finally:
+        handle.remove()
+    assert (stats.n_ok, stats.n_failed) == (2, 0)
+    first = ds["hidden"].values[0]
+    assert np.isfinite(first).all() and (first.astype(np.float32).sum(-1) > 65504).all()
+
+
 def test_data_errors_are_recorded_and_the_shard_goes_on(tiny_checkpoint, tmp_path):
     from capture.datasets import DataError
 
@@ -269,6 +287,61 @@ def test_oom_halves_the_batch(tiny_checkpoint, tmp_path, monkeypatch):
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
     status = dict(zip(ds["sample_id"].values, ds["status"].values))
     assert status == {"t/0": "ok", "t/1": "ok", "t/2": "ok", "t/3": STATUS_OOM}
+
+
+def test_a_model_error_on_one_sample_fails_that_sample_only(tiny_checkpoint, tmp_path, monkeypatch):
+    # An error of the model on one sample (not OOM) halves its batch down to that sample, which is
+    # recorded failed (retryable); the batch captured before it and the samples after it are kept.
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(6)
+    sizes = []
+    original = CaptureRunner._forward
+
+    def picky(self, batch_samples):
+        sizes.append(len(batch_samples))
+        if "t/3" in [s.meta["sample_id"] for s in batch_samples]:
+            raise RuntimeError("Image features and image tokens do not match\nmore detail")
+        return original(self, batch_samples)
+
+    monkeypatch.setattr(CaptureRunner, "_forward", picky)
+    stats, ds = _capture(loaded, _cfg(path, batch_size=2), samples, tmp_path / "run")
+    assert sizes == [2, 2, 1, 1, 2]
+    status = dict(zip(ds["sample_id"].values, ds["status"].values))
+    assert status == {f"t/{i}": STATUS_ERROR if i == 3 else "ok" for i in range(6)}
+    row = list(ds["sample_id"].values).index("t/3")
+    assert ds["error"].values[row] == "RuntimeError: Image features and image tokens do not match"
+    assert (stats.n_ok, stats.n_bad) == (5, 1)
+
+
+def test_a_model_failing_on_every_sample_stops_the_shard_keeping_what_was_captured(tiny_checkpoint, tmp_path,
+                                                                                   monkeypatch):
+    from capture import runner
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(8)
+    original = CaptureRunner._forward
+    calls = []
+
+    def broken_after_two(self, batch_samples):
+        calls.append(batch_samples[0].meta["sample_id"])
+        if len(calls) > 2:
+            raise ValueError("shapes do not match")
+        return original(self, batch_samples)
+
+    monkeypatch.setattr(CaptureRunner, "_forward", broken_after_two)
+    monkeypatch.setattr(runner, "MAX_ERRORS_IN_A_ROW", 3)
+    cfg = _cfg(path, batch_size=1)
+    spec = make_spec(cfg, loaded, n_total=len(samples))
+    with pytest.raises(GapError, match=r"failed on 3 samples in a row \(last, t/\d: ValueError: shapes do not match\)"):
+        with RunWriter(tmp_path / "run", spec) as writer:
+            CaptureRunner(loaded, cfg, spec, writer).run(samples)
+    ds = open_run(tmp_path / "run")
+    status = dict(zip(ds["sample_id"].values, ds["status"].values))
+    # the second batch was still in flight when the third failed: it is stored too
+    assert status == {**{sid: "ok" for sid in calls[:2]}, **{sid: STATUS_ERROR for sid in calls[2:]}}
+    assert len(calls) == 5
 
 
 def test_samples_are_read_and_encoded_ahead_on_their_own_thread(tiny_checkpoint, tmp_path, monkeypatch):

@@ -55,6 +55,16 @@ def test_question_is_found_in_the_user_turn(llava):
     assert not s.is_visual.any()
 
 
+@pytest.mark.parametrize("question", ["a", "assistant", "user"])
+def test_question_that_the_template_also_writes_is_found_in_the_user_turn(qwen, question):
+    # the question's text also stands in the template's own words after (or before) the user turn
+    s = encode_sample(qwen.processor, qwen.image_token_id, _sample(question=question, image=None))
+    tokens = _tokens(qwen, s.input_ids)
+    user = tokens.index("user")
+    assert np.flatnonzero(s.is_text).tolist() == [user + 1]
+    assert tokens[user + 1:user + 3] == [question, "<|im_end|>"]
+
+
 def test_qwen_prompt_by_hand(qwen):
     s = encode_sample(qwen.processor, qwen.image_token_id, _sample(answer="yes no", image=(56, 84)))
     # 56 x 84 px -> 4 x 6 patches of 14 -> 6 merged tokens (merge 2 x 2)
