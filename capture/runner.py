@@ -448,6 +448,8 @@ class CaptureRunner:
             flight = self._forward(samples)
             self._errors_in_a_row = 0
             return [flight]
+        except GapError:  # the run's own setup is wrong (a config that cannot work): stop now
+            raise
         except Exception as exc:  # noqa: BLE001 - whatever the model raises, this batch only
             error = exc
         oom = _is_oom(error)

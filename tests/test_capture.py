@@ -344,6 +344,18 @@ def test_a_model_failing_on_every_sample_stops_the_shard_keeping_what_was_captur
     assert len(calls) == 5
 
 
+def test_a_setup_error_stops_the_shard_at_once(tiny_checkpoint, tmp_path):
+    # a GapError is the run's own fault, not a sample's: no halving, no failed records
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    cfg = _cfg(path, batch_size=2, causal={"methods": ["swap"]})
+    spec = make_spec(cfg, loaded, n_total=4)
+    with pytest.raises(GapError, match="'swap' needs the dataset"):
+        with RunWriter(tmp_path / "run", spec) as writer:
+            CaptureRunner(loaded, cfg, spec, writer).run(_samples(4))  # no donor_source
+    assert RunWriter.committed_in(tmp_path / "run", 0, 1) == set()
+
+
 def test_samples_are_read_and_encoded_ahead_on_their_own_thread(tiny_checkpoint, tmp_path, monkeypatch):
     # The capture loop's thread only feeds the model; an error of the items' iterator still
     # surfaces in it, after the samples before it, and no reader thread outlives the run.
