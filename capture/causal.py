@@ -1,9 +1,12 @@
 """Causal tracing: patch one channel's hidden states at one decoder layer, re-score the answer.
 
-For a sample, variant ``(layer l, method, channel)`` replaces the output of decoder block ``l``
-at the channel's token positions (``visual``: the image tokens; ``text``: the question tokens)
-and scores the gold answer by teacher forcing (:mod:`capture.scoring`);
-``delta = logp_clean - logp_patched``. Methods (RESEARCH.md section 1):
+For a sample, variant ``(layer l, method, channel)`` replaces the hidden states after decoder
+block ``l`` at the channel's token positions (``visual``: the image tokens; ``text``: the question
+tokens) and scores the gold answer by teacher forcing (:mod:`capture.scoring`);
+``delta = logp_clean - logp_patched``. "After block ``l``" is what block ``l + 1`` reads: block
+``l``'s output plus what the model adds to it there (Qwen3-VL's DeepStack vision features after
+its first blocks), so a ``zero`` patch is zero where the next block reads it, not re-filled with
+vision features. Methods (RESEARCH.md section 1):
 
 - ``zero``: the states become 0;
 - ``gaussian``: ``N(0, sigma^2)`` noise is added, ``sigma`` the standard deviation (population,
@@ -17,7 +20,7 @@ and scores the gold answer by teacher forcing (:mod:`capture.scoring`);
 Every patch value depends only on clean states, so two exact speed-ups apply (``prefix=True``):
 the clean pass (one nnsight trace) keeps every block's output, the keyword arguments the blocks
 receive (attention mask, position embeddings) and the DeepStack injections; a variant patched at
-layer ``l`` then starts from the cached output of block ``l`` and only blocks ``l + 1 ...`` run,
+layer ``l`` then starts from the cached state after block ``l`` and only blocks ``l + 1 ...`` run,
 directly. Variants of one sample share a forward as batch rows sorted by layer; at block ``k``
 only the rows whose patch layer is below ``k`` are computed (the others are still clean), so an
 all-layer sweep costs about half the layer evaluations of full forwards, batched. Positions before
@@ -85,9 +88,10 @@ class InterventionResult:
 class CleanState:
     """The clean forward of one sample, as the suffix runs need it.
 
-    ``outputs[l]`` is block ``l``'s output ``(S, D)`` (before any DeepStack injection);
-    ``layer_kwargs`` the keyword arguments every block received; ``injections[l]`` the
-    ``(visual mask (S,), features (n_visual, D))`` added after block ``l`` (Qwen3-VL DeepStack);
+    ``outputs[l]`` is the state after block ``l`` ``(S, D)``, what block ``l + 1`` reads: its
+    output plus the DeepStack injection after it (Qwen3-VL); ``layer_kwargs`` the keyword
+    arguments every block received; ``injections[l]`` the ``(visual mask (S,), features
+    (n_visual, D))`` added after block ``l`` (Qwen3-VL DeepStack);
     ``positions`` / ``targets`` the predicting positions and the answer ids they predict;
     ``kv[l]`` block ``l``'s attention keys and values (what its cache would hold) and
     ``cache_key`` the name of the blocks' cache argument (None: keys not recorded).
@@ -336,7 +340,8 @@ class Engine:
         clean = CleanState(list(outputs), kwargs, injections, positions, targets,
                            torch.as_tensor(sample.is_visual), torch.as_tensor(sample.is_text),
                            kv=recorder.kv if complete else {}, cache_key=cache_key if complete else None)
-        clean.logp = float(self.score(self.inject(self.n_layers - 1, outputs[-1][None], clean), clean)[0])
+        clean.outputs = [self.inject(k, h[None], clean)[0] for k, h in enumerate(clean.outputs)]
+        clean.logp = float(self.score(clean.outputs[-1][None], clean)[0])
         return clean
 
     # -- pieces shared by both paths ------------------------------------------------------------
@@ -372,7 +377,8 @@ class Engine:
     # -- the suffix path -----------------------------------------------------------------------
     def run_suffix(self, clean: CleanState, joins: Sequence[int], states: Callable[[int], "torch.Tensor"],
                    mode: str | None = None, start: int = 0) -> "torch.Tensor":
-        """Score rows that leave the clean run after block ``joins[j]`` with state ``states(j)``.
+        """Score rows that leave the clean run after block ``joins[j]`` with state ``states(j)``
+        (what block ``joins[j] + 1`` reads, as :attr:`CleanState.outputs`).
 
         Parameters
         ----------
@@ -381,12 +387,13 @@ class Engine:
         joins
             Per row, the block whose (edited) output the row starts from, in ascending order.
         states
-            ``states(j)``: row ``j``'s ``(S, D)`` output of block ``joins[j]`` (called when the
-            row joins, so only one chunk of patch values is alive at a time).
+            ``states(j)``: row ``j``'s ``(S, D)`` state after block ``joins[j]`` (called when
+            the row joins, so only one chunk of patch values is alive at a time).
         mode
             Visual truncation applied in the blocks after each row's join: None, ``zero``
-            (visual outputs set to 0), ``knockout`` (no query attends to visual keys) or
-            ``drop`` (visual tokens removed, original positions kept).
+            (visual states set to 0 after each block, DeepStack's additions included),
+            ``knockout`` (no query attends to visual keys) or ``drop`` (visual tokens removed,
+            original positions kept).
         start
             No row differs from the clean run before this position. With ``mode=None`` and
             recorded clean keys, positions ``< start`` are not recomputed: the blocks attend
@@ -438,40 +445,42 @@ class Engine:
                     new.append(states(row)[start:])
                     row += 1
                 if new:
-                    x = self.inject(k - 1, torch.stack(new), clean, start)
+                    x = torch.stack(new)
                     if keep is not None:
                         x = x[:, keep.to(x.device)]
                     h = x if h is None else torch.cat([h, x.to(h.device)])
                 if k == self.n_layers:
                     break
                 h = self.layers[k](h, **kwargs)
-                if mode == "zero":
-                    h[:, visual.to(h.device)] = 0
                 if keep is None:
                     h = self.inject(k, h, clean, start)
+                if mode == "zero":
+                    h[:, visual.to(h.device)] = 0
             return self.score(h, clean, positions)
 
     # -- the full-forward path (nnsight) -------------------------------------------------------
     def run_patched(self, sample: "PromptSample", clean: CleanState, layers: Sequence[int],
                     index: "torch.Tensor", values: Sequence["torch.Tensor"]) -> "torch.Tensor":
-        """One full forward, batch row ``j`` patched at the output of block ``layers[j]``.
+        """One full forward, batch row ``j`` patched after block ``layers[j]``.
 
-        ``index`` holds the patched token positions and ``values[j]`` row ``j``'s states there.
-        The interventions are written in execution order (ascending layer), as nnsight requires.
+        ``index`` holds the patched token positions and ``values[j]`` row ``j``'s states there,
+        written into what reads them: the next block's input, or the final norm's after the last
+        block. The interventions are written in execution order (ascending layer), as nnsight
+        requires.
         """
         import nnsight
         import torch
 
         n = len(layers)
-        envoys = self.loaded.layer_envoys(self.envoy)
+        envoys = [*self.loaded.layer_envoys(self.envoy)[1:], self._norm_envoy]  # envoys[k] reads block k
         inputs = repeat_inputs(self.forward_inputs(sample), n)
         with torch.no_grad(), self.envoy.trace(**inputs, use_cache=False, logits_to_keep=1):
-            for k in sorted(set(layers)):
-                out = envoys[k].output
+            for k in sorted(set(layers) | {self.n_layers - 1}):
+                state = envoys[k].inputs[0][0]
                 for j, layer in enumerate(layers):
                     if layer == k:
-                        out[j, index.to(out.device)] = values[j].to(out.device, out.dtype)
-            final = nnsight.save(self._norm_envoy.inputs[0][0])
+                        state[j, index.to(state.device)] = values[j].to(state.device, state.dtype)
+            final = nnsight.save(state)  # the final norm's input
         return self.score(final, clean)
 
 
@@ -501,7 +510,7 @@ def _channel_index(clean: CleanState, channel: str) -> "torch.Tensor":
 
 def patch_value(clean: CleanState, layer: int, method: str, channel: str, *, seed: int = 0,
                 sample_index: int = 0, donor: CleanState | None = None) -> "torch.Tensor":
-    """The states a variant writes at the channel's positions of block ``layer``'s output.
+    """The states a variant writes at the channel's positions after block ``layer``.
 
     Returns
     -------

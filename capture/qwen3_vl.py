@@ -13,8 +13,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     The text model adds DeepStack feature ``k`` to the hidden states *after* decoder layer
     ``k``'s output (``Qwen3VLTextModel._deepstack_process``), so those layers' captured block
-    outputs (= ``hidden_states[k + 1]``) are the states before the injection. The run records
-    which layers these are.
+    outputs (= ``hidden_states[k + 1]``) are the states before the injection, while causal
+    patches and truncation act on the states after it, as the next layer reads them
+    (:mod:`capture.causal`). The run records which layers these are.
     """
 
     family = "qwen3_vl"

@@ -2,8 +2,8 @@
 
 Modes (RESEARCH.md section 2), for every layer ``k > L``:
 
-- ``zero``: block ``k``'s output has its visual-token states set to 0 (they are still attended
-  to, as zero vectors);
+- ``zero``: the visual-token states after block ``k`` are set to 0, DeepStack's additions
+  (Qwen3-VL) included: blocks ``k + 1 ...`` attend to them as zero vectors;
 - ``knockout``: no query may attend to a visual key (the attention mask of blocks ``k > L``,
   :mod:`capture.attention`); visual evidence reaches the answer only through what other positions
   absorbed up to ``L``;
@@ -52,17 +52,24 @@ def trunc_layer_coords(layers: Sequence[int]) -> list[int]:
 
 @contextmanager
 def zero_visual(layers: Sequence[Any], after: int, visual: "torch.Tensor") -> Iterator[None]:
-    """Set the visual positions of every block output with index > ``after`` to 0.
+    """Zero the visual positions of the states after every block with index > ``after``.
 
+    They are zeroed where the next block reads them (its input), so what the model adds between
+    blocks (DeepStack) is zeroed too; after the last block nothing reads visual positions.
     ``visual`` is the ``(B, S)`` (or ``(S,)``) mask of the prefill; decoding steps (other
     lengths) hold no visual tokens and pass unchanged.
     """
-    def hook(module: Any, args: tuple, output: "torch.Tensor") -> "torch.Tensor":
-        if output.shape[1] == visual.shape[-1]:
-            output[visual.expand(output.shape[0], -1).to(output.device)] = 0
-        return output
+    def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] == visual.shape[-1]:
+            hidden = hidden.clone()
+            hidden[visual.expand(hidden.shape[0], -1).to(hidden.device)] = 0
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
 
-    handles = [layer.register_forward_hook(hook) for k, layer in enumerate(layers) if k > after]
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True)
+               for k, layer in enumerate(layers) if k > after + 1]
     try:
         yield
     finally:

@@ -51,8 +51,18 @@ def ref_inputs(loaded, sample):
     return {k: v for k, v in loaded.forward_inputs(sample.inputs).items()}
 
 
+def readers(loaded):
+    """``readers[l]`` reads the state after block ``l`` (DeepStack's addition included): the next
+    block, or the final norm after the last one."""
+    return [*loaded.layers()[1:], loaded.final_norm()]
+
+
 def ref_score(loaded, sample, hook=None):
-    handle = loaded.layers()[hook[0]].register_forward_hook(hook[1]) if hook else None
+    """The answer's log-prob; ``hook = (l, fn)`` edits the state after block ``l`` (``fn(h) -> h``)."""
+    def pre(module, args, kwargs):
+        return (hook[1](args[0]), *args[1:]), kwargs
+
+    handle = readers(loaded)[hook[0]].register_forward_pre_hook(pre, with_kwargs=True) if hook else None
     try:
         with torch.no_grad():
             logits = loaded.model(**ref_inputs(loaded, sample)).logits[0]
@@ -65,9 +75,10 @@ def ref_score(loaded, sample, hook=None):
 
 
 def ref_states(loaded, sample):
+    """The states after every block, as the next module reads them."""
     states = []
-    handles = [layer.register_forward_hook(lambda m, a, out: states.append(out[0].detach().clone()))
-               for layer in loaded.layers()]
+    handles = [m.register_forward_pre_hook(lambda m, args: states.append(args[0][0].detach().clone()))
+               for m in readers(loaded)]
     try:
         with torch.no_grad():
             loaded.model(**ref_inputs(loaded, sample))
@@ -102,11 +113,11 @@ def ref_value(method, states, idx, *, seed, index, layer, channel, donor_states=
 
 
 def ref_patch_hook(idx, value):
-    def hook(module, args, out):
-        out = out.clone()
-        out[0, idx] = value
-        return out
-    return hook
+    def patch(h):
+        h = h.clone()
+        h[0, idx] = value
+        return h
+    return patch
 
 
 def ref_causal(loaded, sample, donor, *, seed=0):

@@ -36,8 +36,9 @@ def setup(request, tiny_checkpoint):
 
 
 def ref_score(loaded, sample, hooks=()):
-    """Full forward with plain forward hooks ``(layer, fn)``; the answer scored from the logits."""
-    handles = [loaded.layers()[k].register_forward_hook(fn) for k, fn in hooks]
+    """Full forward with plain forward pre-hooks ``(layer, fn)`` (``fn(module, args)``, on the
+    block's input); the answer scored from the logits."""
+    handles = [loaded.layers()[k].register_forward_pre_hook(fn) for k, fn in hooks]
     try:
         with torch.no_grad():
             logits = loaded.model(**loaded.forward_inputs(sample.inputs)).logits[0]
@@ -63,13 +64,14 @@ def test_knockout_equals_drop_and_zero_equals_hooks(setup):
     np.testing.assert_allclose(lp[-1], baseline, atol=1e-4)
     visual = torch.as_tensor(sample.is_visual)
 
-    def zero_hook(module, args, out):
-        out = out.clone()
-        out[0, visual] = 0
-        return out
+    def zero_hook(module, args):
+        # the state after the previous block as this block reads it (DeepStack's addition included)
+        h = args[0].clone()
+        h[0, visual] = 0
+        return (h, *args[1:])
 
     for after in layers:
-        ref = ref_score(loaded, sample, [(k, zero_hook) for k in range(after + 1, N_LAYERS)])
+        ref = ref_score(loaded, sample, [(k, zero_hook) for k in range(after + 2, N_LAYERS)])
         assert zero[1 + after] == pytest.approx(ref, abs=1e-3), after
     # Not vacuous: taking the image away early moves the score.
     assert abs(knock[1] - baseline) > 1e-4 and abs(zero[1] - knock[1]) > 1e-5
@@ -85,6 +87,19 @@ def test_knockout_hooks_in_a_full_forward_equal_the_prefix_path(setup):
     visual = torch.as_tensor(sample.is_visual)[None]
     for row, after in ((1, 0), (2, 2)):
         with knockout(Engine(loaded).layers, after, visual):
+            ref = ref_score(loaded, sample)
+        assert res.values["trunc_logp"][row, 0] == pytest.approx(ref, abs=1e-4)
+
+
+def test_zero_hooks_in_a_full_forward_equal_the_prefix_path(setup):
+    """truncation.zero_visual in the model's own forward (the generation path) vs run_suffix."""
+    from capture.truncation import zero_visual
+
+    loaded, sample = setup
+    res = truncation_sample(loaded, sample, modes=["zero"], layers=[0, 1])
+    visual = torch.as_tensor(sample.is_visual)[None]
+    for row, after in ((1, 0), (2, 1)):
+        with zero_visual(loaded.layers(), after, visual):
             ref = ref_score(loaded, sample)
         assert res.values["trunc_logp"][row, 0] == pytest.approx(ref, abs=1e-4)
 
