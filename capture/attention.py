@@ -31,6 +31,12 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 MASKED_ATTENTION = ("eager", "sdpa")
 
 
+def attention_implementation(model: Any) -> str:
+    """The attention implementation of the model's language model (``eager`` when unset)."""
+    config = getattr(model, "config", None)
+    return getattr(getattr(config, "text_config", config), "_attn_implementation", None) or "eager"
+
+
 def check_attention_implementation(model: Any) -> str:
     """The model's attention implementation, if per-layer masks can restrict it.
 
@@ -39,8 +45,7 @@ def check_attention_implementation(model: Any) -> str:
     GapError
         For implementations that take no 4-D mask (flash attention, flex attention).
     """
-    config = getattr(model, "config", None)
-    impl = getattr(getattr(config, "text_config", config), "_attn_implementation", None) or "eager"
+    impl = attention_implementation(model)
     if impl not in MASKED_ATTENTION:
         raise GapError(f"model.attn_implementation {impl!r}: attention knockout needs one of "
                        f"{', '.join(MASKED_ATTENTION)}")

@@ -303,6 +303,8 @@ class Engine:
 
         is_answer = torch.as_tensor(sample.is_answer)
         _, positions = predicting_positions(is_answer)
+        if positions.numel() == 0:  # a sum over no tokens would score 0, a certain answer
+            raise ValueError("no answer tokens to score (the answer is empty)")
         targets = torch.as_tensor(sample.input_ids, dtype=torch.long)[positions + 1]
         recorder = _KVRecorder()
 
@@ -395,9 +397,10 @@ class Engine:
             ``knockout`` (no query attends to visual keys) or ``drop`` (visual tokens removed,
             original positions kept).
         start
-            No row differs from the clean run before this position. With ``mode=None`` and
-            recorded clean keys, positions ``< start`` are not recomputed: the blocks attend
-            over their clean keys and values instead.
+            No row differs from the clean run before this position. With ``mode=None``,
+            recorded clean keys and an attention that takes 4-D masks (eager, sdpa), positions
+            ``< start`` are not recomputed: the blocks attend over their clean keys and values
+            instead.
 
         Returns
         -------
@@ -406,17 +409,22 @@ class Engine:
         """
         import torch
 
-        from capture.attention import block_keys
+        from capture.attention import (MASKED_ATTENTION, attention_implementation, block_keys,
+                                       check_attention_implementation)
 
         if list(joins) != sorted(joins):
             raise ValueError("joins must be in ascending order")
+        if mode == "knockout":
+            check_attention_implementation(self.loaded.model)
+        # the clean-prefix shortcut hands the blocks a 4-D mask, which flash attention would misread
+        masks = attention_implementation(self.loaded.model) in MASKED_ATTENTION
         device = clean.outputs[0].device  # masks built here must live with the model
         visual = clean.is_visual.to(device)
         seq = int(visual.shape[0])
         kwargs = dict(clean.layer_kwargs)
         positions = clean.positions
         keep = None
-        if mode is not None or clean.cache_key is None or not 0 < start <= int(positions.min()):
+        if mode is not None or clean.cache_key is None or not masks or not 0 < start <= int(positions.min()):
             start = 0
         if start:
             kwargs = _slice_sequence(kwargs, torch.arange(seq) >= start, seq, keys=False)

@@ -111,9 +111,11 @@ def _question_span(processor: Any, prompt: str, question: str, has_image: bool, 
     question's place: the question's own text may also stand in a system prompt or in the
     template's words (a question "assistant", "a" or "USER").
     """
+    if not question.strip():
+        return 0, 0  # no question text: no text tokens
+    candidates = (question, question.strip())
     marked = render_prompt(processor, QUESTION_MARK, has_image)
     start = marked.find(QUESTION_MARK)
-    candidates = [c for c in (question, question.strip()) if c]
     for candidate in candidates:
         if start >= 0 and prompt.startswith(candidate, start):
             return start, start + len(candidate)

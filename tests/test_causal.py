@@ -253,3 +253,42 @@ def test_donor_choice_and_resampling():
     np.testing.assert_allclose(resample_tokens(src, 5).numpy(), ref_interp(src.numpy().astype(float), 5), atol=1e-6)
     assert resample_tokens(src, 3) is src
     assert math.isclose(float(resample_tokens(src[:1], 4).sum()), 40.0)
+
+
+def test_suffix_runs_respect_an_attention_that_takes_no_masks(setup, monkeypatch):
+    # Flash attention reads no 4-D mask: knockout refuses it, and the clean-prefix shortcut (which
+    # hands the blocks one) is not taken; the sweep gives the same numbers the long way.
+    from capture import attention, causal
+    from schemas.errors import GapError
+
+    loaded, sample, _ = setup
+    engine = causal.Engine(loaded)
+    clean = engine.clean_pass(sample)
+    first = int(np.flatnonzero(sample.is_text)[0])
+    joins = [1, 2]
+    made = []
+    original = causal._CleanPrefixKV
+    monkeypatch.setattr(causal, "_CleanPrefixKV", lambda *a: made.append(a) or original(*a))
+    shortcut = engine.run_suffix(clean, joins, lambda r: clean.outputs[joins[r]], start=first)
+    assert len(made) == 1  # eager: the shortcut is taken
+    made.clear()
+    monkeypatch.setattr(attention, "attention_implementation", lambda model: "flash_attention_2")
+    with pytest.raises(GapError, match="attention knockout needs one of eager, sdpa"):
+        engine.run_suffix(clean, joins, lambda r: clean.outputs[joins[r]], mode="knockout")
+    full = engine.run_suffix(clean, joins, lambda r: clean.outputs[joins[r]], start=first)
+    assert made == []
+    np.testing.assert_allclose(full.numpy(), shortcut.numpy(), atol=1e-5)
+    np.testing.assert_allclose(full.numpy(), clean.logp, atol=1e-4)
+
+
+def test_a_sample_without_answer_tokens_is_an_error_not_a_score(setup):
+    from capture.causal import with_answer
+    from capture.truncation import truncation_sample
+
+    loaded, sample, _ = setup
+    bare = with_answer(sample, [])
+    res = causal_sample(loaded, bare, methods=["zero"], channels=["visual"], layers=[0])
+    assert "no answer tokens to score" in res.error and np.isnan(res.values["delta"]).all()
+    res = truncation_sample(loaded, bare, modes=["zero"], layers=[0])
+    assert "no answer tokens to score" in res.error and np.isnan(res.values["trunc_logp"]).all()
+

@@ -143,6 +143,12 @@ def test_missing_question_and_template_errors(llava):
 
     with pytest.raises(GapError, match="chat template"):
         encode_sample(NoTemplate(), 0, _sample())
-    sample = _sample(question="   ")
-    s = encode_sample(llava.processor, llava.image_token_id, sample)  # blank question: no text tokens
-    assert not s.is_text.any()
+    import copy
+
+    mute = copy.deepcopy(llava.processor)
+    mute.chat_template = "USER: hello ASSISTANT:"  # a template that drops the user's text
+    with pytest.raises(GapError, match="sample t/0: the question text does not appear"):
+        encode_sample(mute, llava.image_token_id, _sample(image=None))
+    for question in ("   ", ""):  # blank or empty question: no text tokens, the sample still encodes
+        s = encode_sample(llava.processor, llava.image_token_id, _sample(question=question))
+        assert not s.is_text.any() and s.is_visual.sum() == 16 and s.is_answer.sum() == 1
