@@ -29,10 +29,21 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 
 
 def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 (nearest even) and return the bit patterns (for tests and fakes)."""
+    """Round float32 to bfloat16 (nearest even) and return the bit patterns (for tests and fakes).
+
+    NaNs stay NaN (quiet), where rounding their payload would carry into the sign bit:
+
+    >>> bits = float32_to_bf16_bits(np.array([1.0, 1.00390625, -np.inf], np.float32))
+    >>> [hex(b) for b in bits]
+    ['0x3f80', '0x3f80', '0xff80']
+    >>> np.isnan(bf16_bits_to_float32(float32_to_bf16_bits(np.array([0x7FFFFFFF, 0xFFFFFFFF], np.uint32)
+    ...                                                         .view(np.float32)))).all()
+    np.True_
+    """
     u = np.ascontiguousarray(values, np.float32).view(np.uint32)
     rounded = u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))
-    return (rounded >> 16).astype(np.uint16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (u >> 16) | np.uint32(0x40), rounded >> 16).astype(np.uint16)
 
 
 def to_float16(values: np.ndarray) -> tuple[np.ndarray, int]:

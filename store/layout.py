@@ -29,7 +29,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -346,22 +346,38 @@ def set_array_length(array_dir: Path, axis: int, length: int) -> None:
     write_json(Path(array_dir) / "zarr.json", meta, fsync=True)
 
 
-def parse_commit_log(text: str) -> tuple[list[dict[str, Any]], int]:
-    """Complete commit lines of a log, and the byte length they span.
+class CommitLog(NamedTuple):
+    """A part's commit log as read: its commits, the bytes of its complete lines, and the
+    ``(line number, commits before it)`` of each complete line that is damaged (not JSON)."""
+
+    commits: list[dict[str, Any]]
+    good: int
+    damaged: list[tuple[int, int]]
+
+
+def parse_commit_log(data: bytes) -> CommitLog:
+    """The commits of a log's complete lines.
 
     A writer killed while appending leaves a partial last line (no newline); it is not a commit.
+    A complete line that is not JSON (the file damaged since) is skipped and listed in
+    ``damaged``, so the commits after it still count: each commit names its own token range.
+
+    >>> log = parse_commit_log(b'{"end": 8}\\n{"end": 1\\x00}\\n{"end": 16}\\n{"end"')
+    >>> [c["end"] for c in log.commits], log.good, log.damaged
+    ([8, 16], 35, [(2, 1)])
     """
-    commits = []
+    commits: list[dict[str, Any]] = []
+    damaged: list[tuple[int, int]] = []
     good = 0
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        if not line.endswith(b"\n"):
             break
         try:
             commits.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good += len(line.encode())
-    return commits, good
+        except ValueError:  # not JSON, or not UTF-8
+            damaged.append((number, len(commits)))
+        good += len(line)
+    return CommitLog(commits, good, damaged)
 
 
 def latest_samples(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,7 @@ class PartState:
     commits: list[dict[str, Any]]
     log_bytes: int  # bytes of complete commit lines
     file_bytes: int  # size of commits.jsonl (larger: a torn last line)
+    damaged: list[tuple[int, int]]  # (line number, commits before it) of lines that are not JSON
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -71,7 +73,11 @@ def read_run(run: str | Path) -> RunState:
         if ident is None or not child.is_dir():
             continue
         log_path = child / layout.COMMITS
-        text = log_path.read_text() if log_path.exists() else ""
-        commits, good = layout.parse_commit_log(text)
-        parts.append(PartState(ident[0], ident[1], child, commits, good, len(text.encode())))
+        data = log_path.read_bytes() if log_path.exists() else b""
+        log = layout.parse_commit_log(data)
+        if log.damaged:
+            logging.getLogger("gap.store").warning(
+                "%s: commit line(s) %s damaged; their samples are not in the view (gap capture --resume "
+                "captures them again)", log_path, ", ".join(str(n) for n, _ in log.damaged))
+        parts.append(PartState(ident[0], ident[1], child, log.commits, log.good, len(data), log.damaged))
     return RunState(run, attrs, parts)

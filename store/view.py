@@ -78,7 +78,11 @@ class HiddenPart:
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         layers, tokens, cols = key
-        t0, t1, _ = tokens.indices(self.shape[1])
+        rows = range(*tokens.indices(self.shape[1]))
+        if rows.step != 1:  # the covering rows, then every step-th
+            lo, hi = (min(rows), max(rows) + 1) if rows else (0, 0)
+            return self[layers, slice(lo, hi), cols][:, np.asarray(rows, dtype=np.int64) - lo]
+        t0, t1 = rows.start, rows.stop
         n_layers = len(range(self.n_layers)[layers])
         out = np.empty((n_layers, max(0, t1 - t0), self.size), self.dtype)
         for b in range(t0 // self.block, (t1 + self.block - 1) // self.block):
@@ -91,6 +95,7 @@ class HiddenPart:
 
 def _hidden_dask(state: RunState, ranges: list[tuple[PartState, int, int]], chunks: int | None):
     import dask.array as da
+    from dask.base import tokenize
 
     hidden = state.hidden
     encoding, size, block = hidden["encoding"], hidden["hidden_size"], hidden["block_tokens"]
@@ -101,8 +106,11 @@ def _hidden_dask(state: RunState, ranges: list[tuple[PartState, int, int]], chun
     for part, start, stop in ranges:
         if part.path not in arrays:
             source = HiddenPart(part.path / layout.HIDDEN, hidden, part.end)
-            arrays[part.path] = da.from_array(source, chunks=(1, chunks, size), name=f"hidden-{part.path}-{part.end}",
-                                              asarray=False, fancy=False)
+            # the name is the graph key: everything that makes the array, so that two opens of
+            # different chunking, places or contents never share one (dask would mix their tasks)
+            name = "hidden-" + tokenize(str(part.path.resolve()), part.end, part.log_bytes, chunks, hidden)
+            arrays[part.path] = da.from_array(source, chunks=(1, chunks, size), name=name, asarray=False,
+                                              fancy=False)
         pieces.append(arrays[part.path][:, start:stop])
     if not pieces:
         return da.zeros((len(hidden["layers"]), 0, size), dtype=np.float32)

@@ -231,7 +231,7 @@ class RunWriter:
         path = layout.part_dir(Path(run), shard, n_shards) / layout.COMMITS
         if not path.exists():
             return set()
-        commits, _ = layout.parse_commit_log(path.read_text())
+        commits = layout.parse_commit_log(path.read_bytes()).commits
         return {s["index"] for c in commits for s in c["samples"]}
 
     def put(self, record: SampleRecord) -> None:
@@ -292,15 +292,21 @@ class RunWriter:
         return fh
 
     def _recover(self, resume: bool) -> list[dict[str, Any]]:
-        """Read the commit log; with resume, drop a torn last line and uncommitted blocks."""
+        """Read the commit log; with resume, drop a torn last line and uncommitted blocks.
+
+        A damaged line's samples count as not committed (captured again); its line stays.
+        """
         path = self.dir / layout.COMMITS
-        text = path.read_text() if path.exists() else ""
-        commits, good = layout.parse_commit_log(text)
-        if commits and not resume:
+        data = path.read_bytes() if path.exists() else b""
+        commits, good, damaged = layout.parse_commit_log(data)
+        if (commits or damaged) and not resume:
             n = sum(len(c["samples"]) for c in commits)
             raise GapError(f"shard {self.shard}/{self.n_shards} of {self.run} already has {n} committed "
                            "samples; pass --resume to continue it")
-        if good != len(text.encode()):
+        if damaged:
+            log.warning("%s: commit line(s) %s damaged; their samples will be captured again", path,
+                        ", ".join(str(n) for n, _ in damaged))
+        if good != len(data):
             with open(path, "r+b") as fh:
                 fh.truncate(good)
         end = commits[-1]["end"] if commits else 0

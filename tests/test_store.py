@@ -320,6 +320,61 @@ def test_verify_finds_damage(tmp_path):
     assert cli.returncode == 1 and "DAMAGED" in cli.stderr
 
 
+def test_a_damaged_commit_line_loses_only_its_segment_and_resume_recaptures_it(tmp_path):
+    # A complete line that is no longer JSON (a flipped byte) hides its own samples only; the
+    # commits after it still count, verify names the line, and --resume captures them again
+    # without dropping anything committed.
+    n_total = 30
+    reference = _reference_run(tmp_path, n_total)
+    run = tmp_path / "run"
+    write_shard(str(run), 0, 1, n_total, resume=False, sleep=0)
+    log_path = layout.part_dir(run, 0, 1) / layout.COMMITS
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 4
+    lost = {s["index"] for s in json.loads(lines[1])["samples"]}
+    lines[1] = lines[1][:5] + b"\xff" + lines[1][6:]  # not UTF-8 any more, same length
+    log_path.write_bytes(b"".join(lines))
+    ds = open_run(run)
+    assert set(ds.sample_index.values) == set(range(n_total)) - lost
+    assert verify_run(run) == ["shard-0000-of-0001: commit line 2 is damaged (not JSON): its samples are not in "
+                               "the view (gap capture --resume captures any missing)"]
+    with pytest.raises(GapError, match="pass --resume"):
+        RunWriter(run, make_spec(n_total=n_total))
+    write_shard(str(run), 0, 1, n_total, resume=True, sleep=0)
+    _assert_same_run(open_run(run), reference)
+    assert len(verify_run(run)) == 1  # the damaged line itself stays
+
+
+def test_opens_with_different_chunks_compute_together(tmp_path):
+    # each open's dask graph has keys of its own: one computation over both gives the same values
+    import dask
+
+    spec = make_spec("float32", n_total=12)
+    with RunWriter(tmp_path / "run", spec, segment_tokens=10) as w:
+        for i in range(12):
+            w.put(make_record(i, spec))
+    a, b = open_run(tmp_path / "run"), open_run(tmp_path / "run", chunks=8)
+    assert a.hidden.data.chunks != b.hidden.data.chunks
+    got_a, got_b = dask.compute(a.hidden.data, b.hidden.data)
+    np.testing.assert_array_equal(got_a, got_b)
+    assert float(abs(a.hidden - b.hidden).max()) == 0.0
+
+
+def test_hidden_part_reads_stepped_token_slices(tmp_path):
+    from store.reader import read_run
+    from store.view import HiddenPart
+
+    spec = make_spec("float32", n_total=6)
+    with RunWriter(tmp_path / "run", spec) as w:
+        for i in range(6):
+            w.put(make_record(i, spec))
+    part = read_run(tmp_path / "run").parts[0]
+    source = HiddenPart(part.path / layout.HIDDEN, spec.attrs()["hidden"], part.end)
+    full = source[slice(None), slice(None), slice(None)]
+    for tokens in (slice(0, 10, 2), slice(3, 17, 5), slice(12, 2, -3), slice(5, 5)):
+        np.testing.assert_array_equal(source[slice(None), tokens, slice(None)], full[:, tokens], err_msg=str(tokens))
+
+
 def test_store_cli_info_json(tmp_path):
     run = tmp_path / "run"
     spec = make_spec(n_total=12)
@@ -451,7 +506,7 @@ def test_a_commit_line_is_fsynced_after_the_names_of_everything_it_covers(tmp_pa
             w.put(make_record(i, spec))
     part = layout.part_dir(run, 0, 1)
     log = str(part / layout.COMMITS)
-    commits = layout.parse_commit_log((part / layout.COMMITS).read_text())[0]
+    commits = layout.parse_commit_log((part / layout.COMMITS).read_bytes()).commits
     at_commit = [k for k, path in enumerate(synced) if path == log]
     assert len(at_commit) == len(commits) > 3
 
