@@ -638,8 +638,8 @@ def causal_sample(loaded: "LoadedModel", sample: "PromptSample", *, methods: Seq
         ``values``: ``logp_clean`` (float), ``logp_patched`` and ``delta``
         ``(len(layers), len(methods), len(channels))``; with ``swap`` also ``swap_donor``,
         ``donor_logp_clean`` and ``donor_logp_patched`` ``(len(layers), len(channels))``.
-        Variants of a channel the sample lacks (no image) are NaN without an error; failed
-        variants are NaN and listed in ``error``.
+        Variants of a channel the sample lacks (no image), and swaps of a channel its donor
+        lacks, are NaN without an error; failed variants are NaN and listed in ``error``.
 
     Examples
     --------
@@ -679,8 +679,11 @@ def causal_sample(loaded: "LoadedModel", sample: "PromptSample", *, methods: Seq
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"swap donor {values['swap_donor']}: {type(exc).__name__}: {exc}".splitlines()[0])
                 donor_clean = alt_clean = None
+    # a channel the donor lacks (no image) has nothing to swap in: NaN, like one the sample lacks
+    donor_has = {c: donor_clean is not None and bool((donor_clean.is_visual if c == "visual" else
+                                                      donor_clean.is_text).any()) for c in channels}
     variants = [(layer, m, c) for layer in layers for m in methods for c in channels
-                if present[c] and (m != "swap" or donor_clean is not None)]
+                if present[c] and (m != "swap" or donor_has[c])]
     lp = _sweep(engine, sample, clean, variants, seed=seed, donor=donor_clean, batch_size=batch_size,
                 prefix=prefix, errors=errors)
     pos = {(layer, m, c): (i, j, k) for i, layer in enumerate(layers) for j, m in enumerate(methods)

@@ -292,3 +292,17 @@ def test_a_sample_without_answer_tokens_is_an_error_not_a_score(setup):
     res = truncation_sample(loaded, bare, modes=["zero"], layers=[0])
     assert "no answer tokens to score" in res.error and np.isnan(res.values["trunc_logp"]).all()
 
+
+def test_a_donor_without_image_leaves_the_visual_swap_nan_without_error(setup):
+    from capture.prompts import encode_sample
+
+    loaded, sample, _ = setup
+    donor = encode_sample(loaded.processor, loaded.image_token_id,
+                          {"index": 9, "sample_id": "t/9", "image": None, "question": "how many ?", "answer": "blue"})
+    res = causal_sample(loaded, sample, methods=["swap"], channels=list(CHANNELS), layers=[0, 1], donor=donor)
+    assert res.error == ""
+    delta = res.values["delta"][:, 0]
+    visual, text = CHANNELS.index("visual"), CHANNELS.index("text")
+    assert np.isnan(delta[:, visual]).all() and np.isfinite(delta[:, text]).all()
+    assert np.isnan(res.values["donor_logp_patched"][:, visual]).all()
+
