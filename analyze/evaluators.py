@@ -171,8 +171,8 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = ANLS_THRESH
     """Average Normalised Levenshtein Similarity of one question (DocVQA).
 
     Both texts are lowercased, stripped and whitespace-collapsed; the distance is divided by the
-    longer of the two raw lengths (as the DocVQA script does); the best answer counts; a
-    similarity below ``threshold`` scores 0.
+    longer of the two normalised lengths (the DocVQA script measures both after normalising);
+    the best answer counts; a similarity below ``threshold`` scores 0.
 
     Examples
     --------
@@ -184,6 +184,8 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = ANLS_THRESH
     0.5
     >>> anls("abcdefg", ["abc"])
     0.0
+    >>> round(anls("12    march", ["12 may"]), 4)  # distance 3 over 8 normalised characters
+    0.625
     """
     if not answers:
         return 0.0
@@ -191,7 +193,7 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = ANLS_THRESH
     distances = []
     for answer in answers:
         gold = " ".join(answer.strip().lower().split())
-        length = max(len(answer.upper()), len(prediction.upper()))
+        length = max(len(gold.upper()), len(pred.upper()))
         distances.append(0.0 if length == 0 else levenshtein(gold, pred) / length)
     similarity = 1.0 - min(distances)
     return similarity if similarity >= threshold else 0.0

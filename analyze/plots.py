@@ -147,7 +147,7 @@ def geometry(ds: Any, out: Path) -> list[Path]:
         _cliff(ax, ds)
         ax.set(title=title, xlabel="layer")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Geometry (massive: norm > {ds.attrs.get('massive_k', '?')} x layer median)")
+    fig.suptitle(f"Geometry (massive: norm > {ds.attrs.get('massive_k', '?')} x the sample's median at the layer)")
     return _save(fig, out, "geometry")
 
 

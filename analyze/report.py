@@ -96,7 +96,7 @@ def render_report(ds: Any, decision: dict[str, Any], figures: dict[str, list[Pat
                   f"that layer): {n_massive} token-layers excluded in the `*_nomassive` variants "
                   "(listed in `massive_*`).", "",
                   "| layer | ER visual | ER text | ER visual (no massive) | ER text (no massive) | "
-                  "ICC visual | CKA visual-text |", "|---|---|---|---|---|---|---|"]
+                  "ICC visual (no massive) | CKA visual-text |", "|---|---|---|---|---|---|---|"]
         icc = ds["icc_nomassive"].sel(modality="visual").mean("sample", skipna=True)
         for i, layer in enumerate(ds["layer"].values):
             er, ern = ds["effective_rank"].isel(layer=i), ds["effective_rank_nomassive"].isel(layer=i)

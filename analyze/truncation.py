@@ -53,7 +53,11 @@ def parse_answers(raw: str, sample: str = "?") -> list[str]:
 
 def correctness_from_text(texts: np.ndarray, answers: Sequence[Sequence[str]],
                           score: Callable[[str, Sequence[str]], float]) -> np.ndarray:
-    """Evaluator scores of generated texts, shape of ``texts`` (samples first); "" -> NaN.
+    """Evaluator scores of generated texts, shape of ``texts`` (samples first).
+
+    An empty text is an answer (the model stopped at once) and is scored, as wrong unless a gold
+    answer is empty; a generation that failed leaves its sample's status ``error``, and those
+    samples are not analysed. A value that is not a string (missing) scores NaN.
 
     Parameters
     ----------
@@ -64,14 +68,15 @@ def correctness_from_text(texts: np.ndarray, answers: Sequence[Sequence[str]],
     Examples
     --------
     >>> exact = lambda p, golds: float(p.strip().lower() in [g.lower() for g in golds])
-    >>> correctness_from_text(np.array([["Red", ""], ["blue", "red"]]), [["red"], ["red"]], exact).tolist()
-    [[1.0, nan], [0.0, 1.0]]
+    >>> correctness_from_text(np.array([["Red", ""], ["blue", None]], dtype=object), [["red"], ["red"]],
+    ...                       exact).tolist()
+    [[1.0, 0.0], [0.0, nan]]
     """
     texts = np.asarray(texts, dtype=object)
     out = np.full(texts.shape, np.nan)
     for i in range(texts.shape[0]):
         for idx in np.ndindex(texts.shape[1:]):
             text = texts[(i, *idx)]
-            if isinstance(text, str) and text != "":
+            if isinstance(text, str):
                 out[(i, *idx)] = float(score(text, answers[i]))
     return out

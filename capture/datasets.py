@@ -378,8 +378,11 @@ def _row_to_sample(name: str, spec: Spec, row: dict[str, Any], sample_id: str,
         if not isinstance(answer_idx, int) or not 0 <= answer_idx < len(choices):
             raise DataError(sample_id, f"answer index {answer_idx!r} does not name one of "
                             f"{len(choices)} choices")
-        answers = [choices[answer_idx]]
         letters = "ABCDEFGHIJ"
+        if len(choices) > len(letters):
+            raise DataError(sample_id, f"{len(choices)} choices; at most {len(letters)} can be lettered")
+        # the prompt lists lettered options, so the option's letter is a gold answer too
+        answers = [choices[answer_idx], letters[answer_idx]]
         options = " ".join(f"({letters[k]}) {c}" for k, c in enumerate(choices))
         question = f"{question}\nOptions: {options}"
     else:

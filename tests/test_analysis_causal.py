@@ -97,10 +97,11 @@ def test_correctness_from_logprob_threshold_half():
 def test_correctness_from_text_uses_the_dataset_evaluator():
     from analyze.evaluators import evaluate
 
-    texts = np.array([["10.4", ""], ["12", "ten"]], dtype=object)
+    texts = np.array([["10.4", ""], ["12", None]], dtype=object)
     answers = [["10"], ["10"]]
     out = correctness_from_text(texts, answers, lambda p, g: evaluate("chartqa", p, g))
-    assert out[0, 0] == 1.0 and np.isnan(out[0, 1]) and out[1].tolist() == [0.0, 0.0]
+    # an empty answer is a wrong one (it counts in accuracy); only a missing value is NaN
+    assert out[0].tolist() == [1.0, 0.0] and out[1, 0] == 0.0 and np.isnan(out[1, 1])
 
 
 def test_parse_answers_errors_name_the_sample():

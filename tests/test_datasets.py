@@ -119,7 +119,7 @@ def test_scienceqa_text_only_rows_left_out_with_stable_ids(tmp_path):
     assert len(ds) == 3 and [ds.sample_id(i) for i in range(3)] == [
         "scienceqa/test/0", "scienceqa/test/2", "scienceqa/test/4"]
     s = ds[0]
-    assert s["answer"] == "venus" and s["answers"] == ["venus"]
+    assert s["answer"] == "venus" and s["answers"] == ["venus", "B"]  # the teacher-forced answer is the text
     assert s["question"] == "q0\nOptions: (A) mercury (B) venus"
     assert ds[1]["answer"] == "c"
     with pytest.raises(DataError, match=r"scienceqa/test/4: answer index 5 .* 2 choices"):

@@ -125,6 +125,10 @@ def test_evaluate_dispatch():
     assert evaluate("textvqa", "two", ["2", "2", "2", "3"]) == pytest.approx(0.75)
     assert evaluate("vqav2", "no", ["yes"] * 10) == 0.0
     assert evaluate("scienceqa", "Venus", ["venus"]) == 1.0
+    # a ScienceQA run's gold answers are the choice and its option letter (capture.datasets)
+    golds = ["venus", "B"]
+    assert [evaluate("scienceqa", p, golds) for p in ("B", "(B)", "B.", "venus", "A", "(A) venus")] == \
+        [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert evaluate("synthetic", "march 14", ["march 14"]) == 1.0
     assert evaluate("synthetic", "march 1", ["march 14"]) == 0.0
     # containment is not an evaluator
