@@ -263,7 +263,7 @@ class _ImagefolderSource(_Source):
         out = {c: raw.get(c) for c in columns}
         if "image" in columns:
             name = raw.get("file_name")
-            out["image"] = None if name is None else {"bytes": None, "path": str(self.base / name)}
+            out["image"] = None if name is None else {"bytes": None, "path": name}  # to_rgb joins base
         return out
 
     def null_mask(self, column: str, head: int | None = None) -> np.ndarray:
@@ -273,7 +273,8 @@ class _ImagefolderSource(_Source):
 
 # ----------------------------------------------------------------------------- discovery
 
-_SHARD = re.compile(r"-\d+-of-\d+$")
+# "-00000-of-00002", and on some hub repos a content hash after it
+_SHARD = re.compile(r"-(\d+)-of-(\d+)(-[0-9a-f]{8,})?$")
 
 
 def split_of(path: Path) -> str:
@@ -281,6 +282,8 @@ def split_of(path: Path) -> str:
 
     >>> split_of(Path("data/test-00000-of-00002.parquet")), split_of(Path("val/0000.parquet"))
     ('test', 'val')
+    >>> split_of(Path("data/val-00000-of-00001-0f11003c77497969.parquet"))  # HuggingFaceM4/ChartQA
+    'val'
     >>> split_of(Path("chart_qa-train.arrow")), split_of(Path("train/data-00000-of-00001.arrow"))
     ('train', 'train')
     """
@@ -290,6 +293,23 @@ def split_of(path: Path) -> str:
     if path.suffix == ".arrow" and "-" in base:
         return base.rsplit("-", 1)[1]  # datasets cache: "{builder}-{split}"
     return base
+
+
+def _check_complete(files: list[Path], split: str) -> None:
+    """Refuse a split whose ``-K-of-N`` files are not all there (a staging or download that
+    stopped half way would otherwise read as a smaller split)."""
+    shards = [m for m in (_SHARD.search(f.stem) for f in files) if m]
+    if not shards:
+        return
+    totals = {int(m.group(2)) for m in shards}
+    have = {int(m.group(1)) for m in shards}
+    if len(totals) > 1 or len(shards) != len(files) or have != set(range(next(iter(totals)))):
+        n = max(totals)
+        missing = sorted(set(range(n)) - have)
+        more = "..." if len(missing) > 5 else ""
+        mixed = ", mixed -of- counts" if len(totals) > 1 else ""
+        raise ConfigError(f"data.split {split!r} in {files[0].parent} is incomplete: {len(files)} file(s) "
+                          f"for {n} (missing {missing[:5]}{more}{mixed}); stage it again")
 
 
 def _find_files(root: Path) -> dict[str, dict[str, list[Path]]]:
@@ -328,6 +348,7 @@ def _open_source(root: Path, split: str, config_name: str | None) -> _Source:
                               "at one")
         if fmt == "imagefolder":
             return _ImagefolderSource(files[0])
+        _check_complete(files, split)
         return _ParquetSource(files) if fmt == "parquet" else _ArrowSource(files)
     raise ConfigError(f"data.split {split!r} not found under {root}; found: {', '.join(splits)}")
 
@@ -366,6 +387,9 @@ def _texts(value: Any) -> list[str]:
     return out
 
 
+OPTIONS = "\nOptions: "  # what follows a ScienceQA question in its prompt: the lettered choices
+
+
 def _row_to_sample(name: str, spec: Spec, row: dict[str, Any], sample_id: str,
                    base: Path) -> dict[str, Any]:
     question = row.get(spec.question)
@@ -373,7 +397,10 @@ def _row_to_sample(name: str, spec: Spec, row: dict[str, Any], sample_id: str,
         raise DataError(sample_id, "empty question")
     question = question.strip()
     if name == "scienceqa":
-        choices = _texts(row.get("choices"))
+        raw = row.get("choices")
+        choices = [str(c).strip() for c in ([raw] if isinstance(raw, str) else raw or [])]
+        if not all(choices):  # dropping one would shift the answer index onto another choice
+            raise DataError(sample_id, f"an empty choice among {choices}")
         answer_idx = row.get("answer")
         if not isinstance(answer_idx, int) or not 0 <= answer_idx < len(choices):
             raise DataError(sample_id, f"answer index {answer_idx!r} does not name one of "
@@ -384,7 +411,7 @@ def _row_to_sample(name: str, spec: Spec, row: dict[str, Any], sample_id: str,
         # the prompt lists lettered options, so the option's letter is a gold answer too
         answers = [choices[answer_idx], letters[answer_idx]]
         options = " ".join(f"({letters[k]}) {c}" for k, c in enumerate(choices))
-        question = f"{question}\nOptions: {options}"
+        question = f"{question}{OPTIONS}{options}"
     else:
         answers = _texts(row.get(spec.answers))
         if not answers:
@@ -436,8 +463,9 @@ class Dataset:
         except DataError as err:
             err.index = i
             raise
-        sample.update(index=i, sample_id=sid,
-                      subset=label_subset(self.name, sample["question"], self.subset_mode))
+        # the question as asked: ScienceQA's options would put their words into the cues
+        asked = sample["question"].split(OPTIONS)[0]
+        sample.update(index=i, sample_id=sid, subset=label_subset(self.name, asked, self.subset_mode))
         return sample
 
     def iter_indices(self, indices: Iterable[int]) -> Iterator[dict[str, Any] | DataError]:

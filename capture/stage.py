@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -146,18 +147,25 @@ def stage(name: str, to: str | Path, splits: list[str] | None = None, source: st
         ds = _load_split(name, split, source, config, revision)
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        for stale in data_dir.glob(f"{split}-*.parquet"):
-            stale.unlink()
         n_files = max(1, min(len(ds), math.ceil(ds.data.nbytes / max_shard_bytes)))
+        # The split is written whole into a hidden folder (readers skip dot-folders) and only then
+        # replaces the old files: a staging that stops half way leaves the old split as it was.
+        pending = out / f".staging-{split}"
+        shutil.rmtree(pending, ignore_errors=True)
+        pending.mkdir()
         files = []
         for k in tqdm(range(n_files), desc=f"{name}/{split}", unit="file", disable=n_files == 1):
-            rel = f"data/{split}-{k:05d}-of-{n_files:05d}.parquet"
+            file_name = f"{split}-{k:05d}-of-{n_files:05d}.parquet"
             part = _embedded(ds.shard(n_files, k, contiguous=True), rows_per_group)
-            tmp = out / (rel + ".tmp")
-            part.to_parquet(str(tmp), batch_size=rows_per_group)
-            os.replace(tmp, out / rel)  # a crash never leaves a half file under the real name
-            files.append({"path": rel, "rows": len(part), "bytes": (out / rel).stat().st_size,
-                          "sha256": sha256_file(out / rel)})
+            part.to_parquet(str(pending / file_name), batch_size=rows_per_group)
+            written = pending / file_name
+            files.append({"path": f"data/{file_name}", "rows": len(part), "bytes": written.stat().st_size,
+                          "sha256": sha256_file(written)})
+        for stale in data_dir.glob(f"{split}-*.parquet"):
+            stale.unlink()
+        for entry in files:
+            os.replace(pending / Path(entry["path"]).name, out / entry["path"])
+        pending.rmdir()
         manifest["splits"][split] = {"rows": len(ds), "files": files,
                                      "staged_at": datetime.now(timezone.utc).isoformat()}
         log.info("staged %s/%s: %d rows in %d file(s)", name, split, len(ds), n_files)

@@ -108,6 +108,22 @@ def test_vqav2_answer_dicts(tmp_path):
     assert s["subset"] == "easy"
 
 
+def test_scienceqa_subset_is_the_questions_and_an_empty_choice_is_refused(tmp_path):
+    # the options appended to the prompt must not change the hard/easy label of the question
+    q = "Is the air temperature going up or down?"
+    write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", {
+        "image": [image_cell(png())] * 4, "question": [q, q, q, q],
+        "choices": [["up", "down"], ["higher", "lower"], ["the table", "the chair"], ["", "cat", "dog"]],
+        "answer": [0, 1, 0, 1],
+    }, {"image": IMAGE_TYPE})
+    ds = open_dataset(cfg("scienceqa", tmp_path))
+    from capture.subsets import label_subset
+
+    assert [ds[i]["subset"] for i in range(3)] == [label_subset("scienceqa", q, ds.subset_mode)] * 3
+    with pytest.raises(DataError, match=r"scienceqa/test/3: an empty choice"):
+        ds[3]
+
+
 def test_scienceqa_text_only_rows_left_out_with_stable_ids(tmp_path):
     write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", {
         "image": [image_cell(png()), None, image_cell(png()), None, image_cell(png())],
@@ -140,7 +156,7 @@ def test_arrow_save_to_disk_layout(tmp_path):
     assert ds[2]["image"].getpixel((1, 1)) == (0, 2, 0) and ds[2]["answer"] == "2"
 
 
-def test_imagefolder_layout(tmp_path):
+def test_imagefolder_layout(tmp_path, monkeypatch):
     split = tmp_path / "test"
     split.mkdir()
     lines = []
@@ -150,6 +166,9 @@ def test_imagefolder_layout(tmp_path):
     (split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     ds = open_dataset(cfg("chartqa", tmp_path))
     assert ds[2]["image"].getpixel((0, 0)) == (0, 0, 100) and ds[2]["answers"] == ["2"]
+    monkeypatch.chdir(tmp_path.parent)  # a relative data.path finds the images too
+    relative = open_dataset(cfg("chartqa", Path(tmp_path.name)))
+    assert relative[1]["image"].getpixel((0, 0)) == (0, 0, 50)
     (split / "2.png").unlink()
     with pytest.raises(DataError, match="chartqa/test/2: image file not found"):
         ds[2]

@@ -88,6 +88,45 @@ def test_stage_shards_limit_and_config_subdirectory(tmp_path):
     assert verify(out) == []
 
 
+def test_a_staging_that_stops_half_way_leaves_the_old_split_and_a_partial_one_is_refused(tmp_path, monkeypatch):
+    import datasets
+
+    from schemas.config import ConfigError
+
+    src = fake_hub(tmp_path / "hub", {"test": 10})
+    out = tmp_path / "staged"
+    stage("chartqa", out, source=str(src), max_shard_bytes=150)
+    n_files = len(list((out / "data").glob("test-*.parquet")))
+    assert n_files > 3
+    real, calls = datasets.Dataset.to_parquet, []
+
+    def dies_on_the_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the job killed mid-staging
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        stage("chartqa", out, source=str(src), max_shard_bytes=150)
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", real)
+    assert verify(out) == [] and len(open_dataset(DataConfig(name="chartqa", path=str(out), split="test"))) == 10
+    # files of a split that are not all there are refused, not read as a smaller split
+    next((out / "data").glob("test-00001-*.parquet")).unlink()
+    with pytest.raises(ConfigError, match=rf"data.split 'test' .* incomplete: {n_files - 1} file\(s\) for {n_files} "
+                                          r"\(missing \[1\]\); stage it again"):
+        open_dataset(DataConfig(name="chartqa", path=str(out), split="test"))
+
+
+def test_hub_file_names_with_a_content_hash_are_read(tmp_path):
+    # HuggingFaceM4/ChartQA names its files data/test-00000-of-00001-e2cd0b7a0f9eb20d.parquet
+    src = fake_hub(tmp_path / "hub", {"test": 3, "val": 2})
+    for path in (src / "data").glob("*.parquet"):
+        path.rename(path.with_name(f"{path.stem}-e2cd0b7a0f9eb20d.parquet"))
+    assert len(open_dataset(DataConfig(name="chartqa", path=str(src), split="val"))) == 2
+    assert open_dataset(DataConfig(name="chartqa", path=str(src), split="test"))[2]["answers"] == ["2"]
+
+
 def test_verify_detects_damage(tmp_path):
     out = tmp_path / "staged"
     stage("chartqa", out, source=str(fake_hub(tmp_path / "hub", {"test": 4})))
