@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -724,10 +725,17 @@ def slurm_cluster(analysis: Any = None, *, setup: Sequence[str] = (),
     security = Security.temporary()
     kwargs: dict[str, Any] = {}
     if scratch is not None:
+        if re.search(r"[^A-Za-z0-9_./+=,@-]", str(scratch)):
+            # dask-jobqueue writes these paths into the workers' job script unquoted
+            raise GapError(f"{scratch}: the Slurm analysis scheduler needs a run path of letters, digits "
+                           "and _./+=,@- only (dask-jobqueue does not quote it); use --scheduler local")
+        Path(scratch).mkdir(mode=0o750, parents=True, exist_ok=True)  # its TLS keys go there
         kwargs["shared_temp_directory"] = str(scratch)
         kwargs["log_directory"] = str(Path(scratch) / "logs")
-    cluster = SLURMCluster(cores=cfg.cpus, processes=cfg.cpus, memory=cfg.mem, walltime=cfg.time,
-                           queue=cfg.partition, job_extra_directives=list(cfg.extra),
+    # dask-jobqueue prefixes "#SBATCH " itself; job_mem: Slurm's own reading of "32G" (GiB)
+    extra = [item.strip().removeprefix("#SBATCH").strip() for item in cfg.extra]
+    cluster = SLURMCluster(cores=cfg.cpus, processes=cfg.cpus, memory=cfg.mem, job_mem=cfg.mem,
+                           walltime=cfg.time, queue=cfg.partition, job_extra_directives=extra,
                            job_script_prologue=[*setup, _nanny_environ_export()],
                            security=security, protocol="tls",
                            # HTTP routes (scheduler's and workers') are unauthenticated: loopback only.

@@ -244,17 +244,32 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
                      + (" --retry-failed" if retry_failed else ""),
                      "gap capture shard $SHARD: SIGTERM, waiting for the current batch to commit"),
     ]
-    epilogue = [
-        "# --- epilogue: stopped before the time limit -> back into the queue; the restart resumes",
-        f'if [ "$rc" -eq 0 ] && [ "$stopped" -eq 1 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {MAX_REQUEUES} ]; then',
-        # ARRAY_TASK, not SLURM_JOB_ID: for one task that id can be the array's, requeueing all.
-        '    task="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
-        '    echo "gap capture shard $SHARD stopped early; requeueing $task"',
-        '    scontrol requeue "$task"',
+    epilogue = ["# --- epilogue: stopped before the time limit -> back into the queue; the restart resumes",
+                # ARRAY_TASK, not SLURM_JOB_ID: for one task that id can be the array's, requeueing all.
+                'task="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+                *_requeue_epilogue("gap capture shard $SHARD", "$task")]
+    return render_script(header, prologue, command, epilogue)
+
+
+NOT_REQUEUED_RC = 75  # stopped early and not back in the queue (EX_TEMPFAIL)
+
+
+def _requeue_epilogue(what: str, task: str) -> list[str]:
+    """Requeue ``task`` after a stop at the time-limit warning; when that cannot happen (the
+    requeue limit, or scontrol failing) exit non-zero, so that no ``afterok`` job starts on an
+    unfinished run."""
+    return [
+        'if [ "$rc" -eq 0 ] && [ "$stopped" -eq 1 ]; then',
+        f'    if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {MAX_REQUEUES} ]; then',
+        f'        echo "{what} stopped early; requeueing {task}"',
+        f'        scontrol requeue "{task}" && exit 0',
+        "    fi",
+        f'    echo "{what} stopped early and is not requeued (limit {MAX_REQUEUES} or scontrol failed); '
+        'run gap slurm submit again" >&2',
+        f"    rc={NOT_REQUEUED_RC}",
         "fi",
         'exit "$rc"',
     ]
-    return render_script(header, prologue, command, epilogue)
 
 
 def render_analysis(slurm: SlurmConfig, *, run_dir: str, gap: Sequence[str],
@@ -289,13 +304,7 @@ def render_analysis(slurm: SlurmConfig, *, run_dir: str, gap: Sequence[str],
                "# time-limit warning (SIGUSR1) on to it",
                *_background(f'{shlex.join(gap)} analyze "$RUN" --out "$RUN/analysis" --workers {ana.cpus}{more}',
                             "gap analyze: SIGTERM")]
-    epilogue = [
-        "# --- epilogue: stopped before the time limit -> back into the queue; the restart goes on",
-        "# after the geometry pass's finished layers",
-        f'if [ "$rc" -eq 0 ] && [ "$stopped" -eq 1 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {MAX_REQUEUES} ]; then',
-        '    echo "gap analyze stopped early; requeueing $SLURM_JOB_ID"',
-        '    scontrol requeue "$SLURM_JOB_ID"',
-        "fi",
-        'exit "$rc"',
-    ]
+    epilogue = ["# --- epilogue: stopped before the time limit -> back into the queue; the restart goes on",
+                "# after the geometry pass's finished layers",
+                *_requeue_epilogue("gap analyze", "$SLURM_JOB_ID")]
     return render_script(header, prologue, command, epilogue)

@@ -192,25 +192,43 @@ def _check_not_active(run_dir: Path) -> None:
 
 
 def submit(plan: Plan) -> dict[str, object]:
-    """Write the plan, submit capture (if any shard has rows left) then analysis; record the ids."""
+    """Write the plan, submit capture (if any shard has rows left) then analysis; record the ids.
+
+    The capture array is recorded as soon as it is submitted, so that a failing analysis
+    submission cannot hide it from the next ``gap slurm submit`` (which would start a second
+    writer on every shard).
+    """
     _check_not_active(plan.run_dir)
     write_plan(plan)
     capture_id = sbatch(plan.sbatch_commands("")[0]) if plan.tasks else None
+    record: dict[str, object] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "capture": capture_id,
+                                 "tasks": plan.tasks, "analysis": None, "scripts": sorted(plan.scripts)}
+    if capture_id:
+        _record(plan, record)
     try:
-        analysis_id = sbatch(plan.sbatch_commands(capture_id or "")[-1])
+        record["analysis"] = sbatch(plan.sbatch_commands(capture_id or "")[-1])
     except GapError as exc:
         if capture_id:
-            raise GapError(f"capture array {capture_id} was submitted, but the analysis was not: {exc}") from None
+            raise GapError(f"capture array {capture_id} was submitted (and recorded), but the analysis was not: "
+                           f"{exc}; fix it, then `gap slurm submit` again once the capture is done") from None
         raise
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "capture": capture_id, "tasks": plan.tasks,
-              "analysis": analysis_id, "scripts": sorted(plan.scripts)}
+    _record(plan, record, replace_last=bool(capture_id))
+    return record
+
+
+def _record(plan: Plan, record: dict[str, object], replace_last: bool = False) -> None:
+    """Append ``record`` to the run's jobs file, or put it in place of the last line."""
+    path = plan.slurm_dir / JOBS_FILE
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    if replace_last:
+        lines = lines[:-1]
+    tmp = path.with_name(f".{path.name}.tmp")
     old = os.umask(0o027)
     try:
-        with open(plan.slurm_dir / JOBS_FILE, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        tmp.write_text("".join(lines) + json.dumps(record) + "\n")
+        os.replace(tmp, path)  # readers see the old list or the new one
     finally:
         os.umask(old)
-    return record
 
 
 def describe(plan: Plan, record: dict[str, object]) -> str:

@@ -197,13 +197,17 @@ def test_slurm_cluster_uses_tls_and_the_config(tmp_path):
     from analyze.pipeline import slurm_cluster
     from schemas.config import SlurmAnalysisConfig
 
-    cfg = SlurmAnalysisConfig(partition="cpu", cpus=4, mem="8G", time="00:30:00", extra=["--account=lab"])
-    cluster, security = slurm_cluster(cfg, setup=["module load Miniforge3"], scratch=tmp_path)
+    cfg = SlurmAnalysisConfig(partition="cpu", cpus=4, mem="32G", time="00:30:00",
+                              extra=["--account=lab", "#SBATCH --qos=long"])
+    scratch = tmp_path / "run" / "analysis" / ".dask"  # not there yet: a fresh output directory
+    cluster, security = slurm_cluster(cfg, setup=["module load Miniforge3"], scratch=scratch)
     try:
         script = cluster.job_script()
         assert cluster.scheduler_address.startswith("tls://")
-        for needle in ("#SBATCH -p cpu", "--cpus-per-task=4", "--mem=8G", "-t 00:30:00",
-                       "#SBATCH --account=lab", "module load Miniforge3", "--tls-key", "--nworkers 4",
+        assert "#SBATCH #SBATCH" not in script
+        for needle in ("#SBATCH -p cpu", "--cpus-per-task=4", "#SBATCH --mem=32G\n", "-t 00:30:00",
+                       "#SBATCH --account=lab", "#SBATCH --qos=long", "module load Miniforge3", "--tls-key",
+                       "--nworkers 4",
                        "--dashboard-address 127.0.0.1:0", "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=",
                        "MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS"):
             assert needle in script
@@ -221,10 +225,14 @@ def test_slurm_cluster_uses_tls_and_the_config(tmp_path):
         listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == http_port]
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
-        keys = [p for p in tmp_path.iterdir() if ".key." in p.name]
+        keys = [p for p in scratch.iterdir() if ".key." in p.name]
         assert keys and all(p.stat().st_mode & 0o077 == 0 for p in keys)  # not readable by others
     finally:
         cluster.close()
+    from schemas.errors import GapError
+
+    with pytest.raises(GapError, match="needs a run path of letters"):
+        slurm_cluster(cfg, scratch=tmp_path / "my run" / ".dask")
 
 
 def test_unknown_scheduler_is_a_gap_error():

@@ -167,17 +167,18 @@ with open({str(record)!r}, "a") as fh:
     return bin_dir
 
 
-def test_script_passes_hostile_paths_verbatim_and_requeues_on_usr1(tmp_path: Path) -> None:
+@pytest.mark.parametrize("restarts", [0, render.MAX_REQUEUES])
+def test_script_passes_hostile_paths_verbatim_and_requeues_on_usr1(tmp_path: Path, restarts: int) -> None:
     """Run the rendered capture script with bash (no Slurm): paths with quotes, spaces, $, `, %
     reach gap as single arguments, unchanged; SIGUSR1 reaches gap capture; the script requeues
-    its own array task."""
+    its own array task, or fails when it may not (so that the analysis waiting on it never starts)."""
     bin_dir = _fake_bin(tmp_path)
     config = HOSTILE + "/slurm/config.yaml"
     script = tmp_path / "capture.sbatch"
     script.write_text(render.render_capture(SlurmConfig(shards=4, gpus=0), run_dir=HOSTILE,
                                             config_path=config, gap=[str(bin_dir / "gap")]))
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "2",
-           "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_ID": "79", "SLURM_RESTART_COUNT": "0"}
+           "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_ID": "79", "SLURM_RESTART_COUNT": str(restarts)}
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 20
@@ -185,12 +186,16 @@ def test_script_passes_hostile_paths_verbatim_and_requeues_on_usr1(tmp_path: Pat
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@N does: the batch shell only
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
-    assert calls == [["gap", "slurm", "probe", config],
-                     ["gap", "capture", config, "--out", HOSTILE, "--shard", "2/4", "--resume"],
-                     ["scontrol", "requeue", "77_2"]]
-    assert "stopped early" in out and "requeueing 77_2" in out
+    assert calls[:2] == [["gap", "slurm", "probe", config],
+                         ["gap", "capture", config, "--out", HOSTILE, "--shard", "2/4", "--resume"]]
+    assert "stopped early" in out
+    if restarts < render.MAX_REQUEUES:
+        assert proc.returncode == 0, err
+        assert calls[2:] == [["scontrol", "requeue", "77_2"]] and "requeueing 77_2" in out
+    else:
+        assert proc.returncode == render.NOT_REQUEUED_RC and calls[2:] == []
+        assert "is not requeued (limit 50 or scontrol failed)" in err
 
 
 def _run_single_task_script(tmp_path: Path, **fake: int) -> tuple[int, list[list[str]]]:
@@ -277,6 +282,29 @@ def test_submit_writes_config_copy_and_chains_analysis(tmp_path: Path, fake_sbat
         submit.plan_submission(cfg, run, ["data.limit=8"])
     with pytest.raises(GapError, match="slurm.shards"):
         submit.plan_submission(cfg, run, ["data.limit=7", "slurm.shards=3"])
+
+
+def test_a_failed_analysis_submission_still_records_the_capture(tmp_path: Path, fake_sbatch: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # the next submit must know the capture array is there (or it would start a second writer per shard)
+    real = submit.sbatch
+
+    def rejects_analysis(command):
+        if "analysis.sbatch" in command[-1]:
+            raise GapError("sbatch failed: invalid partition specified: cpu")
+        return real(command)
+
+    monkeypatch.setattr(submit, "sbatch", rejects_analysis)
+    monkeypatch.setattr(submit, "job_states", lambda jobs: {j: "RUNNING" for j in jobs})
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"path": "/m"}, "data": {"limit": 4},
+                                           "slurm": {"shards": 2, "gpus": 0}})
+    run = tmp_path / "run"
+    with pytest.raises(GapError, match="capture array 100 was submitted \\(and recorded\\), but the analysis"):
+        submit.submit(submit.plan_submission(cfg, run, gap=["gap"]))
+    assert status.read_jobs(run) == [{**status.read_jobs(run)[0], "capture": "100", "tasks": [0, 1],
+                                      "analysis": None}]
+    with pytest.raises(GapError, match=r"still has jobs in the queue \(100_0 RUNNING, 100_1 RUNNING\)"):
+        submit.submit(submit.plan_submission(cfg, run, gap=["gap"]))
 
 
 def test_submit_without_sbatch_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
