@@ -269,48 +269,36 @@ def test_data_errors_are_recorded_and_the_shard_goes_on(tiny_checkpoint, tmp_pat
     assert errors["t/9"] == "image file is truncated" and "\n" not in errors["t/1"]
 
 
-def test_oom_halves_the_batch(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error,status,reason", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), STATUS_OOM,
+     "CUDA out of memory with {n} tokens alone"),
+    (RuntimeError("Image features and image tokens do not match\nmore detail"), STATUS_ERROR,
+     "RuntimeError: Image features and image tokens do not match"),
+], ids=["oom", "model_error"])
+def test_a_failing_batch_is_halved_down_to_the_sample_at_fault(tiny_checkpoint, tmp_path, monkeypatch, error,
+                                                               status, reason):
+    # CUDA OOM or an error of the model on one sample: its batch is halved down to that sample,
+    # which is recorded failed (retryable); the samples around it are captured.
     path = tiny_checkpoint("llava", n_layers=2)
     loaded = load_model(_cfg(path).model)
-    samples = _samples(4)
-    sizes = []
+    samples = _samples(6)
+    sizes, at_fault = [], []
     original = CaptureRunner._forward
 
     def flaky(self, batch_samples):
         sizes.append(len(batch_samples))
-        if len(batch_samples) > 1 or batch_samples[0].meta["sample_id"] == "t/3":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        if "t/3" in [s.meta["sample_id"] for s in batch_samples]:
+            at_fault[:] = [s.n_tokens for s in batch_samples]
+            raise error
         return original(self, batch_samples)
 
     monkeypatch.setattr(CaptureRunner, "_forward", flaky)
-    _, ds = _capture(loaded, _cfg(path, batch_size=4), samples, tmp_path / "run")
-    assert sizes == [4, 2, 1, 1, 2, 1, 1]
-    status = dict(zip(ds["sample_id"].values, ds["status"].values))
-    assert status == {"t/0": "ok", "t/1": "ok", "t/2": "ok", "t/3": STATUS_OOM}
-
-
-def test_a_model_error_on_one_sample_fails_that_sample_only(tiny_checkpoint, tmp_path, monkeypatch):
-    # An error of the model on one sample (not OOM) halves its batch down to that sample, which is
-    # recorded failed (retryable); the batch captured before it and the samples after it are kept.
-    path = tiny_checkpoint("llava", n_layers=2)
-    loaded = load_model(_cfg(path).model)
-    samples = _samples(6)
-    sizes = []
-    original = CaptureRunner._forward
-
-    def picky(self, batch_samples):
-        sizes.append(len(batch_samples))
-        if "t/3" in [s.meta["sample_id"] for s in batch_samples]:
-            raise RuntimeError("Image features and image tokens do not match\nmore detail")
-        return original(self, batch_samples)
-
-    monkeypatch.setattr(CaptureRunner, "_forward", picky)
-    stats, ds = _capture(loaded, _cfg(path, batch_size=2), samples, tmp_path / "run")
-    assert sizes == [2, 2, 1, 1, 2]
-    status = dict(zip(ds["sample_id"].values, ds["status"].values))
-    assert status == {f"t/{i}": STATUS_ERROR if i == 3 else "ok" for i in range(6)}
+    stats, ds = _capture(loaded, _cfg(path, batch_size=4), samples, tmp_path / "run")
+    assert sizes == [4, 2, 2, 1, 1, 2]  # t/3 is in the first batch, in its second half
+    got = dict(zip(ds["sample_id"].values, ds["status"].values))
+    assert got == {f"t/{i}": status if i == 3 else "ok" for i in range(6)}
     row = list(ds["sample_id"].values).index("t/3")
-    assert ds["error"].values[row] == "RuntimeError: Image features and image tokens do not match"
+    assert ds["error"].values[row] == reason.format(n=at_fault[0])
     assert (stats.n_ok, stats.n_bad) == (5, 1)
 
 
