@@ -509,11 +509,14 @@ def _slice_sequence(kwargs: dict[str, Any], keep: "torch.Tensor", seq_len: int, 
 
 
 # -- causal tracing -------------------------------------------------------------------------------
+def _channel_mask(clean: CleanState, channel: str) -> "torch.Tensor":
+    return clean.is_visual if channel == "visual" else clean.is_text
+
+
 def _channel_index(clean: CleanState, channel: str) -> "torch.Tensor":
     import torch
 
-    mask = clean.is_visual if channel == "visual" else clean.is_text
-    return torch.nonzero(mask, as_tuple=True)[0]
+    return torch.nonzero(_channel_mask(clean, channel), as_tuple=True)[0]
 
 
 def patch_value(clean: CleanState, layer: int, method: str, channel: str, *, seed: int = 0,
@@ -662,7 +665,7 @@ def causal_sample(loaded: "LoadedModel", sample: "PromptSample", *, methods: Seq
     except Exception as exc:  # noqa: BLE001 - reported on the sample
         return InterventionResult(values, f"causal clean pass of {sid}: {type(exc).__name__}: {exc}".splitlines()[0])
     values["logp_clean"] = clean.logp
-    present = {c: bool((clean.is_visual if c == "visual" else clean.is_text).any()) for c in channels}
+    present = {c: bool(_channel_mask(clean, c).any()) for c in channels}
     donor_clean = alt_clean = None
     if "swap" in methods:
         values.update(swap_donor="", donor_logp_clean=float("nan"),
@@ -680,8 +683,7 @@ def causal_sample(loaded: "LoadedModel", sample: "PromptSample", *, methods: Seq
                 errors.append(f"swap donor {values['swap_donor']}: {type(exc).__name__}: {exc}".splitlines()[0])
                 donor_clean = alt_clean = None
     # a channel the donor lacks (no image) has nothing to swap in: NaN, like one the sample lacks
-    donor_has = {c: donor_clean is not None and bool((donor_clean.is_visual if c == "visual" else
-                                                      donor_clean.is_text).any()) for c in channels}
+    donor_has = {c: donor_clean is not None and bool(_channel_mask(donor_clean, c).any()) for c in channels}
     variants = [(layer, m, c) for layer in layers for m in methods for c in channels
                 if present[c] and (m != "swap" or donor_has[c])]
     lp = _sweep(engine, sample, clean, variants, seed=seed, donor=donor_clean, batch_size=batch_size,

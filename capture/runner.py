@@ -5,11 +5,11 @@ so image decoding and preprocessing overlap the GPU.  Per batch of similar-lengt
 
 1. one ``nnsight`` trace of the plain forward, whose cache keeps every decoder block's output;
    after it, a per-layer non-finite flag is computed for every real token;
-2. the stored tokens (``capture.tokens`` of the real tokens, no padding) of the captured layers
-   are copied from those outputs, run by run of consecutive tokens, into one host buffer
-   ``(n_captured_layers, n_stored_tokens_in_batch, hidden)``: on CUDA a pinned one, on a side
-   stream, so the copies overlap the next batch's forward (and this batch's interventions) and
-   no device-side copy of the states is made;
+2. the captured layers are copied from those outputs into one host buffer: whole padded layers
+   with the default ``capture.tokens="all"`` (each sample's real tokens are sliced out on the
+   host), else the stored tokens run by run of consecutive tokens (gathered on the device first
+   when scattered); on CUDA the buffer is pinned and the copies run on a side stream, so they
+   overlap the next batch's forward (and this batch's interventions);
 3. the interventions (``capture.causal.run_causal``, ``capture.truncation.run_truncation``) run
    on the same batch when the config asks for them and fill ``SampleRecord.values``;
 4. when the copy's event has fired, one :class:`~schemas.run.SampleRecord` per sample goes to

@@ -60,13 +60,12 @@ def zero_visual(layers: Sequence[Any], after: int, visual: "torch.Tensor") -> It
     lengths) hold no visual tokens and pass unchanged.
     """
     def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        hidden = args[0] if args else kwargs["hidden_states"]
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
         if hidden.shape[1] == visual.shape[-1]:
             hidden = hidden.clone()
             hidden[visual.expand(hidden.shape[0], -1).to(hidden.device)] = 0
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
 
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True)
                for k, layer in enumerate(layers) if k > after + 1]

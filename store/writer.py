@@ -7,8 +7,8 @@ segment by appending one line to ``commits.jsonl`` after its data.  A writer kil
 therefore leaves whole committed samples and, at most, uncommitted blocks that ``resume`` removes.
 Block files, their names (the directories they were renamed and made in) and the arrays' extents
 are fsynced before the commit line that covers them, and the line itself after it is written, so
-committed samples also survive the node going down, not only the process.  Writing at the disk's own speed costs a long run nothing:
-once the page cache is full, every writer goes at that speed.
+committed samples also survive the node going down, not only the process.  Writing at the disk's
+own speed costs a long run nothing: once the page cache is full, every writer goes at that speed.
 
 Examples
 --------
