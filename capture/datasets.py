@@ -164,7 +164,7 @@ class _Source:
         raise NotImplementedError
 
     def null_mask(self, column: str, head: int | None = None) -> np.ndarray:
-        """Which rows (the first ``head`` at least, or all) hold null in ``column``."""
+        """Which rows (the first ``head`` at least, or all) hold null or an empty list in ``column``."""
         raise NotImplementedError
 
 
@@ -176,7 +176,10 @@ class _ParquetSource(_Source):
 
         self.base = files[0].parent
         self.files = [pq.ParquetFile(f) for f in files]
-        self.columns = self.files[0].schema_arrow.names
+        # a column missing from one shard would read as absent in its rows only: count only
+        # the columns every file has, so that _check_columns names the missing one at open
+        names = [pf.schema_arrow.names for pf in self.files]
+        self.columns = [c for c in names[0] if all(c in n for n in names[1:])]
         self.groups: list[tuple[int, int]] = []
         starts = [0]
         for k, pf in enumerate(self.files):
@@ -203,7 +206,7 @@ class _ParquetSource(_Source):
             if head is not None and seen >= head:
                 break
             part = self.files[k].read_row_group(group, columns=[sub]).column(0)
-            parts.append(part.is_null().to_numpy(zero_copy_only=False))
+            parts.append(_absent(part))
             seen += len(part)
         return np.concatenate(parts) if parts else np.zeros(0, bool)
 
@@ -239,7 +242,7 @@ class _ArrowSource(_Source):
     def null_mask(self, column: str, head: int | None = None) -> np.ndarray:
         values = self.table.column(column)
         values = values if head is None else values.slice(0, head)
-        return values.is_null().to_numpy(zero_copy_only=False)
+        return _absent(values)
 
 
 class _ImagefolderSource(_Source):
@@ -268,7 +271,18 @@ class _ImagefolderSource(_Source):
 
     def null_mask(self, column: str, head: int | None = None) -> np.ndarray:
         key = "file_name" if column == "image" else column
-        return np.array([r.get(key) is None for r in self.rows[:head]], dtype=bool)
+        return np.array([r.get(key) is None or r.get(key) == [] for r in self.rows[:head]], dtype=bool)
+
+
+def _absent(values: Any) -> np.ndarray:
+    """Null cells, and empty lists (a split whose answers are all ``[]`` has none either)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    absent = values.is_null()
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        absent = pc.or_(absent, pc.equal(pc.fill_null(pc.list_value_length(values), 0), 0))
+    return absent.to_numpy(zero_copy_only=False)
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -588,7 +602,7 @@ def _check_columns(source: _Source, cfg: DataConfig, spec: Spec, root: Path) -> 
         raise ConfigError(f"data.path {root}: split {cfg.split!r} has no column(s) "
                           f"{', '.join(missing)} expected for {cfg.name} ({spec.repo}); "
                           f"found {', '.join(source.columns)}")
-    # Splits whose answers the hub hides have them null throughout: the first rows tell.
+    # Splits whose answers the hub hides have them null (or []) throughout: the first rows tell.
     head_nulls = source.null_mask(spec.answers, head=256) if cfg.name != "scienceqa" else []
     if len(head_nulls) and head_nulls.all():
         hint = " (the hub hides DocVQA test answers): use data.split=validation" \

@@ -83,6 +83,18 @@ def test_docvqa_config_directory_and_hidden_test_answers(tmp_path):
     assert info[2]["question"] == "InfographicVQA q2"
     with pytest.raises(ConfigError, match="no gold answers.*data.split=validation"):
         open_dataset(cfg("docvqa", tmp_path, split="test"))
+    # a copy that stores the hidden answers as empty lists instead of nulls is refused alike
+    write_parquet(tmp_path / "empty" / "test-00000-of-00001.parquet", {
+        "image": [image_cell(png())] * 3, "question": ["q"] * 3, "answers": [[], [], None]}, types)
+    with pytest.raises(ConfigError, match="no gold answers.*data.split=validation"):
+        open_dataset(cfg("docvqa", tmp_path / "empty", split="test"))
+    # one empty list among real answers is that sample's data error, not the split's
+    write_parquet(tmp_path / "some" / "validation-00000-of-00001.parquet", {
+        "image": [image_cell(png())] * 2, "question": ["q"] * 2, "answers": [["a"], []]}, types)
+    some = open_dataset(cfg("docvqa", tmp_path / "some", split="validation"))
+    assert some[0]["answers"] == ["a"]
+    with pytest.raises(DataError, match=r"^docvqa/validation/1: no gold answers"):
+        some[1]
 
 
 def test_textvqa_teacher_answer_is_most_frequent(tmp_path):
@@ -324,6 +336,14 @@ def test_configuration_errors_name_the_key_or_path(tmp_path):
                   {"image": [image_cell(png())], "query": ["q"]}, {"image": IMAGE_TYPE})
     with pytest.raises(ConfigError, match=r"no column\(s\) label expected for chartqa"):
         open_dataset(cfg("chartqa", tmp_path / "nolabel"))
+    # a later shard of the split lacking the column is named at open, not per sample
+    chartqa_dir(tmp_path / "shards")
+    (tmp_path / "shards" / "data" / "test-00000-of-00001.parquet").rename(
+        tmp_path / "shards" / "data" / "test-00000-of-00002.parquet")
+    write_parquet(tmp_path / "shards" / "data" / "test-00001-of-00002.parquet",
+                  {"image": [image_cell(png())], "query": ["q"]}, {"image": IMAGE_TYPE})
+    with pytest.raises(ConfigError, match=r"no column\(s\) label expected for chartqa"):
+        open_dataset(cfg("chartqa", tmp_path / "shards"))
 
 
 def test_split_in_several_directories_is_ambiguous(tmp_path):
