@@ -38,36 +38,41 @@ def evd_threshold(delta: np.ndarray, layers: Sequence[int], tau: float) -> np.nd
     """Effective visual depth ``max{l : D(l) >= tau}`` per sample.
 
     Returns -1 for a sample whose delta never reaches ``tau`` (the visual tokens matter at no
-    captured layer) and NaN for a sample with no finite delta at all.
+    captured layer), and NaN where the answer is unknown: a NaN delta (a failed measurement)
+    at a layer above the last one that reaches ``tau`` might have reached it too.
 
     Examples
     --------
-    >>> evd_threshold(np.array([[0.0, 0.0], [np.nan, np.nan]]), [4, 8], tau=0.01).tolist()
-    [-1.0, nan]
+    >>> evd_threshold(np.array([[0.0, 0.0], [np.nan, np.nan], [0.5, np.nan]]), [4, 8], tau=0.01).tolist()
+    [-1.0, nan, nan]
     """
     d, lay = _as_matrix(delta, layers)
     hit = d >= tau  # NaN compares False
-    last = np.where(hit.any(axis=1), lay[lay.size - 1 - np.argmax(hit[:, ::-1], axis=1)], -1.0)
-    return np.where(np.isfinite(d).any(axis=1), last, np.nan)
+    n = lay.size
+    last = np.where(hit.any(axis=1), n - 1 - np.argmax(hit[:, ::-1], axis=1), -1)
+    above = np.arange(n)[None, :] > last[:, None]
+    unknown = (np.isnan(d) & above).any(axis=1)
+    return np.where(unknown, np.nan, np.where(last >= 0, lay[np.maximum(last, 0)], -1.0))
 
 
 def evd_area(delta: np.ndarray) -> np.ndarray:
     """Area form of EVD: ``sum_l max(D(l), 0) / (L * max_l D(l))``, in [0, 1] per sample.
 
-    0 when no delta is positive, NaN when a sample has no finite delta.  NaN layers count as 0
-    in the sum and in ``L``'s place nothing changes (L is the number of layers given).
+    0 when no delta is positive, NaN when a sample has no finite delta.  ``L`` and the sum run
+    over the sample's finite layers: a failed measurement is left out, not counted as 0.
 
     Examples
     --------
-    >>> evd_area(np.array([[1.0, 1.0, 0.0, -1.0]])).tolist()
-    [0.5]
+    >>> evd_area(np.array([[1.0, 1.0, 0.0, -1.0], [1.0, np.nan, 0.0, 1.0]])).tolist()
+    [0.5, 0.6666666666666666]
     """
     d = np.atleast_2d(np.asarray(delta, dtype=np.float64))
     pos = np.clip(np.nan_to_num(d, nan=0.0), 0.0, None)
     top = pos.max(axis=1)
+    measured = np.isfinite(d).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        area = np.where(top > 0, pos.sum(axis=1) / (d.shape[1] * top), 0.0)
-    return np.where(np.isfinite(d).any(axis=1), area, np.nan)
+        area = np.where(top > 0, pos.sum(axis=1) / (measured * top), 0.0)
+    return np.where(measured > 0, area, np.nan)
 
 
 def adaptive_tau(delta: np.ndarray, ratio: float) -> float:

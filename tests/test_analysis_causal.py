@@ -20,11 +20,15 @@ def test_evd_threshold_is_last_layer_at_or_above_tau():
         [1.0, 0.0, 0.5, 0.0, 0.0],      # non-monotone: the last crossing counts (8)
         [0.0, 0.0, 0.0, 0.0, 0.0],      # never: -1
         [np.nan] * 5,                   # not captured: NaN
-        [np.nan, 0.3, np.nan, 0.0, 0.0],  # NaN layers ignored
+        [np.nan, 0.3, 0.0, 0.0, 0.0],   # NaN below the last crossing: EVD still 4
+        [1.0, 0.3, 0.0, np.nan, 0.0],   # NaN above it might have crossed: unknown
+        [0.0, np.nan, 0.0, 0.0, 0.0],   # no crossing, but the NaN layer might: unknown
+        [0.0, 0.0, 0.0, 0.0, 0.5],      # last layer crosses: 16
     ])
     out = evd_threshold(d, LAYERS, tau=0.01)
     assert out[:3].tolist() == [12.0, 8.0, -1.0]
     assert np.isnan(out[3]) and out[4] == 4.0
+    assert np.isnan(out[5]) and np.isnan(out[6]) and out[7] == 16.0
 
 
 def test_evd_area_form():
@@ -32,6 +36,8 @@ def test_evd_area_form():
     # (2 + 2 + 1) / (5 * 2) = 0.5; no positive delta: 0
     assert evd_area(d).tolist() == [0.5, 0.0]
     assert np.isnan(evd_area(np.full((1, 3), np.nan))[0])
+    # a failed layer is left out of L: (2 + 1) / (4 * 2), not (2 + 1) / (5 * 2)
+    assert evd_area(np.array([[2.0, np.nan, 1.0, 0.0, -1.0]]))[0] == pytest.approx(3 / 8)
 
 
 def test_adaptive_tau_uses_first_layer_mean():
