@@ -137,7 +137,8 @@ def truncation_variables(run: Any, ok: np.ndarray, subsets: np.ndarray, cfg: Ana
 
         base = trunc_layers.index(-1)
         others = [i for i in range(len(trunc_layers)) if i != base]
-        subsets = np.where(ok, relabel_(correct[:, base, 0], correct[:, others], fallback=subsets), "")
+        # no keyword fallback: one scheme throughout, samples the run cannot judge are "unsolved"
+        subsets = np.where(ok, relabel_(correct[:, base, 0], correct[:, others]), "")
         variables["subset_relabelled"] = (("sample",), subsets.astype(object))
     acc = subset_means(correct, subsets, n_boot=cfg.bootstrap, seed=cfg.seed)
     lp = subset_means(logp, subsets, n_boot=cfg.bootstrap, seed=cfg.seed)

@@ -51,8 +51,11 @@ def _spec(n: int, d: int, block_tokens: int, generate: bool, activations: bool =
 
 def make_run(path: str | Path, n: int = 14, d: int = 24, block_tokens: int = 16, failed: tuple = (5,),
              generate: bool = True, seed: int = 0, n_total: int | None = None,
-             activations: bool = True) -> tuple[Path, Truth]:
-    """Write a run of ``n`` samples (``n_total`` declared, default ``n``) and return its truth."""
+             activations: bool = True, wrong: tuple = ()) -> tuple[Path, Truth]:
+    """Write a run of ``n`` samples (``n_total`` declared, default ``n``) and return its truth.
+
+    Samples in ``wrong`` answer wrongly under every truncation setting, the baseline included.
+    """
     rng = np.random.default_rng(seed)
     spec = _spec(n_total or n, d, block_tokens, generate, activations)
     truth = Truth()
@@ -86,6 +89,7 @@ def make_run(path: str | Path, n: int = 14, d: int = 24, block_tokens: int = 16,
             delta[:, :, 1] = 0.5
             # hard samples fail when the image is cut at or before their cliff; easy never fail
             correct = np.array([[subset == "easy" or not (0 <= t <= cliff)] * len(MODES) for t in TRUNC_LAYERS])
+            correct &= i not in wrong
             trunc_logp = np.where(correct, np.log(0.9), np.log(0.05))
             texts = np.where(correct, "red", "blue").astype(object)
             values = {"logp_clean": float(np.log(0.9)) - 0.1 * cliff, "delta": delta,

@@ -100,6 +100,25 @@ def test_partial_run_is_analysed_and_says_so(tmp_path):
     assert float(ds.cliff_layer) == float(ds.cliff_by_method.sel(cliff_method="threshold_crossing"))
 
 
+def test_relabel_uses_the_truncation_results_only(tmp_path):
+    import gap
+    from analyze import open_analysis
+
+    run, truth = make_run(tmp_path / "run", n=10, wrong=(2, 7), activations=False, seed=2)
+    out = tmp_path / "out"
+    assert gap.main(["analyze", str(run), "--out", str(out), "--scheduler", "threads", "-q", "--relabel",
+                     "--no-plots", "--set", "analysis.bootstrap=50"]) == 0
+    ds = open_analysis(out)
+    # hard samples lose correctness at trunc layers 0..cliff of 4, in both modes: hard when
+    # (cliff + 1) / 4 > 1/2; the capture-time label of a sample wrong at baseline is not kept
+    expected = {i: "" if i in truth.failed else "unsolved" if i in (2, 7)
+                else "hard" if truth.subset[i] == "hard" and truth.cliff[i] + 1 > 2 else "easy"
+                for i in range(10)}
+    assert dict(enumerate(ds["subset_relabelled"].values.tolist())) == expected
+    assert "unsolved" in ds["subset"].values.tolist() and ds.attrs["subsets_relabelled"] == 1
+    assert set(expected.values()) >= {"hard", "easy", "unsolved"}  # the case covers every label
+
+
 def test_run_without_activations_has_no_geometry(tmp_path):
     from analyze import open_analysis
     from analyze.cli import analyse
