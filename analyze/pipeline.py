@@ -722,6 +722,9 @@ def slurm_cluster(analysis: Any = None, *, setup: Sequence[str] = (),
     from schemas.config import SlurmAnalysisConfig
 
     cfg = analysis or SlurmAnalysisConfig()
+    if cfg.mem is None:
+        raise GapError("slurm.analysis.mem is null: the Slurm analysis scheduler sizes its workers from "
+                       "it; set it (e.g. 32G) or use --scheduler local")
     security = Security.temporary()
     kwargs: dict[str, Any] = {}
     if scratch is not None:

@@ -112,7 +112,7 @@ class CaptureConfig(Strict):
 class SlurmAnalysisConfig(Strict):
     partition: Union[str, None] = "cpu"
     cpus: int = Field(default=8, ge=1)
-    mem: str = "32G"
+    mem: Union[str, None] = "32G"  # None: no --mem (the site's default, or --mem-per-cpu in extra)
     time: str = "01:00:00"
     extra: list[str] = Field(default_factory=list)
 
@@ -121,7 +121,7 @@ class SlurmConfig(Strict):
     partition: Union[str, None] = "gpu"
     gpus: int = Field(default=1, ge=0)
     cpus: int = Field(default=8, ge=1)
-    mem: str = "64G"
+    mem: Union[str, None] = "64G"  # None: no --mem (the site's default, or --mem-per-cpu in extra)
     time: str = "02:00:00"
     shards: int = Field(default=1, ge=1)
     setup: list[str] = Field(default_factory=list)

@@ -52,9 +52,15 @@ def _check_line(value: str, key: str) -> None:
         raise ConfigError(f"{key}: {value!r} must be a single line")
 
 
-def _check_resources(mem: str, time: str, prefix: str) -> None:
-    if not _MEM.match(mem):
-        raise ConfigError(f"{prefix}.mem: {mem!r} is not a Slurm memory size (e.g. 64G, 500M)")
+def _check_resources(mem: str | None, time: str, extra: Sequence[str], prefix: str) -> None:
+    if mem is not None and not _MEM.match(mem):
+        raise ConfigError(f"{prefix}.mem: {mem!r} is not a Slurm memory size (e.g. 64G, 500M, or null "
+                          "for none)")
+    per = [item for item in extra if re.search(r"--mem-per-(cpu|gpu)\b", item)]
+    if mem is not None and per:
+        # sbatch refuses --mem together with either of these
+        raise ConfigError(f"{prefix}.mem={mem} and {prefix}.extra {per[0].strip()!r} exclude each other "
+                          f"in Slurm: set {prefix}.mem=null")
     if not _TIME.match(time):
         raise ConfigError(f"{prefix}.time: {time!r} is not a Slurm time (e.g. \"02:00:00\", \"1-12:00:00\")")
 
@@ -128,10 +134,10 @@ def _directive(option: str, value: object) -> str:
     return f"#SBATCH --{option}={shlex.quote(str(value))}"
 
 
-def _resources(partition: str | None, cpus: int, mem: str, time: str) -> list[str]:
+def _resources(partition: str | None, cpus: int, mem: str | None, time: str) -> list[str]:
     lines = [_directive("partition", partition)] if partition else []
-    return lines + [_directive("nodes", 1), _directive("ntasks", 1), _directive("cpus-per-task", cpus),
-                    _directive("mem", mem), _directive("time", time)]
+    lines += [_directive("nodes", 1), _directive("ntasks", 1), _directive("cpus-per-task", cpus)]
+    return lines + ([_directive("mem", mem)] if mem is not None else []) + [_directive("time", time)]
 
 
 def _prologue(setup: Sequence[str], variables: dict[str, str]) -> list[str]:
@@ -213,7 +219,7 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
     >>> [line for line in s.splitlines() if line.startswith(("#SBATCH --array", "#SBATCH --gres", "#SBATCH --sig"))]
     ['#SBATCH --array=1,3', '#SBATCH --gres=gpu:4', '#SBATCH --signal=B:USR1@300']
     """
-    _check_resources(slurm.mem, slurm.time, "slurm")
+    _check_resources(slurm.mem, slurm.time, slurm.extra, "slurm")
     _check_signal(slurm.signal_seconds, slurm.time, "slurm.time")
     n = slurm.shards
     tasks = list(range(n)) if tasks is None else list(tasks)
@@ -287,7 +293,7 @@ def render_analysis(slurm: SlurmConfig, *, run_dir: str, gap: Sequence[str],
     ['#SBATCH --partition=cpu', 'gap analyze "$RUN" --out "$RUN/analysis" --workers 8 &']
     """
     ana: SlurmAnalysisConfig = slurm.analysis
-    _check_resources(ana.mem, ana.time, "slurm.analysis")
+    _check_resources(ana.mem, ana.time, ana.extra, "slurm.analysis")
     _check_signal(slurm.signal_seconds, ana.time, "slurm.analysis.time")
     log = log_pattern(PurePath(run_dir) / "slurm" / "logs", "analysis_%j.out")
     header = [_directive("job-name", _job_name("analyze", run_dir)),

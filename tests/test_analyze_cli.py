@@ -252,6 +252,8 @@ def test_slurm_cluster_uses_tls_and_the_config(tmp_path):
 
     with pytest.raises(GapError, match="needs a run path of letters"):
         slurm_cluster(cfg, scratch=tmp_path / "my run" / ".dask")
+    with pytest.raises(GapError, match="^slurm.analysis.mem is null"):
+        slurm_cluster(SlurmAnalysisConfig(mem=None), scratch=scratch)
 
 
 def test_unknown_scheduler_is_a_gap_error():

@@ -100,6 +100,7 @@ def test_array_spec(tasks: list[int], spec: str) -> None:
     ({"setup": ["module load x\nrm -rf /"]}, "slurm.setup[0]"),
     ({"mem": "64 GB"}, "slurm.mem"),
     ({"time": "2h"}, "slurm.time"),
+    ({"extra": ["--mem-per-cpu=4G"]}, r"slurm.mem=64G and slurm.extra '--mem-per-cpu=4G' exclude"),
     ({"time": "00:05:00", "signal_seconds": 300}, "slurm.signal_seconds"),
 ])
 def test_bad_slurm_values_are_one_line_errors(change: dict, key: str) -> None:
@@ -120,6 +121,17 @@ def test_analysis_passes_extra_arguments_quoted() -> None:
                                   analyze_args=["--set", "analysis.tau=0.02 ; rm x"])
     assert ("'/opt/my env/bin/gap' analyze \"$RUN\" --out \"$RUN/analysis\" --workers 8 "
             "--set 'analysis.tau=0.02 ; rm x'") in text
+
+
+def test_memory_can_be_left_to_the_site_or_given_per_cpu() -> None:
+    slurm = SlurmConfig(mem=None, extra=["--mem-per-cpu=4G"],
+                        analysis={"mem": None, "extra": ["--mem-per-gpu 20G"]})
+    capture = render.render_capture(slurm, run_dir="/r", config_path="/r/c.yaml", gap=["gap"])
+    analysis = render.render_analysis(slurm, run_dir="/r", gap=["gap"])
+    assert "--mem=" not in capture and "#SBATCH --mem-per-cpu=4G" in capture
+    assert "--mem=" not in analysis and "#SBATCH --mem-per-gpu 20G" in analysis
+    with pytest.raises(ConfigError, match=r"^slurm.analysis.mem=32G and slurm.analysis.extra"):
+        render.render_analysis(SlurmConfig(analysis={"extra": ["--mem-per-cpu=1G"]}), run_dir="/r", gap=["gap"])
 
 
 def test_analysis_time_is_checked() -> None:
