@@ -105,10 +105,12 @@ def cliff_boundary(delta: np.ndarray, layers: Sequence[int], method: CliffMethod
     - ``median_evd``: the lower median of the samples' EVD (an EVD that occurred; -1 when most
       samples never reach tau).
     - ``gradient``: the layer after which the mean delta curve drops the most per layer, i.e.
-      ``l_i`` for the steepest ``(m(l_{i+1}) - m(l_i)) / (l_{i+1} - l_i)``.
-    - ``threshold_crossing``: the first layer where the mean delta is below ``tau``.
+      ``l_i`` for the steepest ``(m(l_{i+1}) - m(l_i)) / (l_{i+1} - l_i)``; NaN when the curve
+      never drops.
+    - ``threshold_crossing``: the first layer where the mean delta falls below ``tau`` after
+      being at or above it; NaN when it never crosses from above.
 
-    NaN when the method has nothing to go on (no samples, one layer, no crossing).
+    NaN when the method has nothing to go on (no samples, one layer, no drop, no crossing).
 
     Examples
     --------
@@ -126,11 +128,13 @@ def cliff_boundary(delta: np.ndarray, layers: Sequence[int], method: CliffMethod
     curve = mean_curve(d)
     if method == "gradient":
         slope = np.diff(curve) / np.diff(lay)
-        if slope.size == 0 or not np.isfinite(slope).any():
+        if slope.size == 0 or not (slope < 0).any():  # NaN compares False
             return float("nan")
         return float(lay[int(np.nanargmin(slope))])
     if method == "threshold_crossing":
+        above = np.flatnonzero(curve >= tau)
         below = np.flatnonzero(curve < tau)
+        below = below[below > above[0]] if above.size else below[:0]
         return float(lay[below[0]]) if below.size else float("nan")
     raise ValueError(f"unknown cliff method {method!r}; choose from {', '.join(CLIFF_METHODS)}")
 

@@ -122,21 +122,32 @@ def _mode(ds: Any) -> str | None:
 
 def _nearest_trunc_layer(ds: Any, cliff: float) -> int | None:
     layers = [int(v) for v in ds["trunc_layer"].values if int(v) >= 0]
-    if not layers or not _finite(cliff):
+    if not layers:
         return None
     return min(layers, key=lambda v: (abs(v - cliff), v))
+
+
+def _no_cliff(cliff: float) -> str | None:
+    """Why ``cliff`` is no cliff to judge at, or None when it is one."""
+    if not _finite(cliff):
+        return "no cliff layer"
+    if cliff < 0:  # median EVD -1: most samples' visual delta never reaches tau
+        return "no cliff: most samples' visual delta never reaches tau (cliff_layer -1)"
+    return None
 
 
 def _cp1(ds: Any, cfg: AnalysisConfig) -> dict[str, Any]:
     from analyze.stats import bootstrap_mean_ci
 
     cliff = float(ds["cliff_layer"]) if "cliff_layer" in ds else float("nan")
+    if (why := _no_cliff(cliff)) is not None:
+        return {"verdict": NA, "passed": False, "n": 0, "reason": why, "cliff_layer": _num(cliff)}
     mode = _mode(ds) if "trunc_correct" in ds else None
     layer = _nearest_trunc_layer(ds, cliff) if mode else None
     out: dict[str, Any] = {"cliff_layer": _num(cliff), "mode": mode, "trunc_layer": layer,
                            "metric": "accuracy drop = baseline (trunc_layer -1) - accuracy at the cliff"}
     if layer is None or -1 not in [int(v) for v in ds["trunc_layer"].values]:
-        return {"verdict": NA, "passed": False, "reason": "no cliff layer or no truncation results", **out}
+        return {"verdict": NA, "passed": False, "n": 0, "reason": "no truncation results", **out}
     correct = ds["trunc_correct"].sel(mode=mode)
     drop_per_sample = (correct.sel(trunc_layer=-1) - correct.sel(trunc_layer=layer)).values
     labels = "subset_relabelled" if "subset_relabelled" in ds else "sample_subset"
@@ -190,8 +201,10 @@ def _window_means(values: Any, layers: np.ndarray, cliff: float, w: int) -> tupl
 def _cp3(ds: Any, cfg: AnalysisConfig) -> dict[str, Any]:
     cliff = float(ds["cliff_layer"]) if "cliff_layer" in ds else float("nan")
     needed = ("effective_rank", "icc", "cka_modality")
-    if not _finite(cliff) or any(name not in ds for name in needed):
-        return {"verdict": NA, "passed": False, "n": 0, "reason": "no cliff layer or no geometry"}
+    if (why := _no_cliff(cliff)) is not None:
+        return {"verdict": NA, "passed": False, "n": 0, "reason": why, "cliff_layer": _num(cliff)}
+    if any(name not in ds for name in needed):
+        return {"verdict": NA, "passed": False, "n": 0, "reason": "no geometry"}
     layers = np.asarray(ds["effective_rank"]["layer"].values)
     w = cfg.cp3_window
     result: dict[str, Any] = {"cliff_layer": cliff, "window": w,

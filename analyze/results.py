@@ -26,13 +26,22 @@ PRIMARY_METHODS = ("zero", "mean", "gaussian", "swap")
 __all__ = ["ANALYSIS_STORE", "build", "dataset_name", "read", "write"]
 
 
-def dataset_name(run: Any) -> str:
-    """The run's ``data.name`` (which evaluator judges its texts), from the stored config."""
+def _run_config(run: Any) -> dict[str, Any]:
     import yaml
 
     text = run.attrs.get("config_yaml", "")
-    cfg = yaml.safe_load(text) if text else None
-    return str(((cfg or {}).get("data") or {}).get("name") or "synthetic")
+    return (yaml.safe_load(text) if text else None) or {}
+
+
+def dataset_name(run: Any) -> str:
+    """The run's ``data.name`` (which evaluator judges its texts), from the stored config."""
+    return str((_run_config(run).get("data") or {}).get("name") or "synthetic")
+
+
+def generated(run: Any) -> bool:
+    """Whether the run generated answers under truncation (``capture.truncation.score``)."""
+    truncation = (_run_config(run).get("capture") or {}).get("truncation") or {}
+    return "generate" in (truncation.get("score") or [])
 
 
 def ok_mask(run: Any) -> np.ndarray:
@@ -112,11 +121,12 @@ def truncation_variables(run: Any, ok: np.ndarray, subsets: np.ndarray, cfg: Ana
     if "trunc_logp" not in run or run.sizes.get("mode", 0) == 0:
         return ({}, {}, {}), subsets
     order = ("sample", "trunc_layer", "mode")
-    texts = run["trunc_text"].transpose(*order).values if "trunc_text" in run else None
-    has_text = texts is not None and any(isinstance(t, str) and t for t in np.asarray(texts)[ok].ravel())
-    if has_text:
+    # The config, not the texts, says whether answers were generated: an empty answer is
+    # scored (wrong), even when the model stopped at once on every sample.
+    if "trunc_text" in run and generated(run):
         from analyze.evaluators import evaluate
 
+        texts = run["trunc_text"].transpose(*order).values
         name = dataset_name(run)
         ids = np.asarray(run["sample_id"].values).astype(str)
         answers = [parse_answers(str(a), ids[i]) for i, a in enumerate(run["answers"].values)]

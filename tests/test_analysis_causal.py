@@ -62,6 +62,16 @@ def test_cliff_gradient_divides_by_layer_spacing():
     assert cliff_boundary(d, [0, 1, 5], "gradient", tau=0.0) == 0.0
 
 
+def test_no_drop_or_no_crossing_from_above_is_no_cliff():
+    rising = np.array([[0.0, 1.0, 2.5, 3.0]])
+    assert np.isnan(cliff_boundary(rising, [0, 1, 2, 3], "gradient", tau=0.5))
+    assert np.isnan(cliff_boundary(np.ones((1, 4)), [0, 1, 2, 3], "gradient", tau=0.5))  # flat
+    # below tau from the start: nothing crossed; one rise above tau, then the crossing counts
+    assert np.isnan(cliff_boundary(np.zeros((1, 4)), [0, 1, 2, 3], "threshold_crossing", tau=0.5))
+    d = np.array([[0.1, 0.9, 0.2, 0.0]])
+    assert cliff_boundary(d, [0, 1, 2, 3], "threshold_crossing", tau=0.5) == 2.0
+
+
 def test_median_evd_is_an_observed_value_and_skips_nan():
     evd = np.array([2.0, 8.0, np.nan, 4.0, 12.0])
     assert cliff_boundary(np.zeros((5, 5)), LAYERS, "median_evd", tau=1, evd=evd) == 4.0  # lower median

@@ -100,6 +100,23 @@ def test_partial_run_is_analysed_and_says_so(tmp_path):
     assert float(ds.cliff_layer) == float(ds.cliff_by_method.sel(cliff_method="threshold_crossing"))
 
 
+def test_generated_texts_are_judged_even_when_all_are_empty(tmp_path):
+    from analyze.results import ok_mask, truncation_variables
+    from schemas.config import AnalysisConfig
+    from store import open_run
+
+    run = open_run(make_run(tmp_path / "run", n=4, failed=(), activations=False)[0])
+    ok, subsets = ok_mask(run), np.asarray(run["subset"].values).astype(str)
+    cfg = AnalysisConfig(bootstrap=10)
+    (variables, _, attrs), _ = truncation_variables(run, ok, subsets, cfg)
+    assert attrs["trunc_correct_source"].startswith("trunc_text")
+    # every generated answer empty (the model stopped at once): all wrong, not p(answer) > 1/2
+    silent = run.assign(trunc_text=run["trunc_text"].copy(data=np.full(run["trunc_text"].shape, "", object)))
+    (variables, _, attrs), _ = truncation_variables(silent, ok, subsets, cfg)
+    assert attrs["trunc_correct_source"].startswith("trunc_text")
+    assert (variables["trunc_correct"][1] == 0.0).all()
+
+
 def test_relabel_uses_the_truncation_results_only(tmp_path):
     import gap
     from analyze import open_analysis

@@ -121,6 +121,13 @@ def test_decide_cp1_uses_the_nearest_truncation_layer_and_na_without_cliff():
     out = decide(ds, AnalysisConfig(bootstrap=50))
     assert out["cp1"]["verdict"] == "N/A" and out["cp3"]["verdict"] == "N/A"
     assert out["overall"]["verdict"] == "NO-GO"
+    # median EVD -1 (tau never reached) is no cliff either, not a cliff at layer 0, where
+    # truncation removes the image and every hard sample fails
+    ds = analysis(hard_fail=10).assign(cliff_layer=((), -1.0))
+    ds["trunc_correct"][:10, 1, 0] = 0.0
+    out = decide(ds, AnalysisConfig(bootstrap=50))
+    assert out["cp1"]["verdict"] == "N/A" and out["cp3"]["verdict"] == "N/A"
+    assert "never reaches tau" in out["cp1"]["reason"] and out["cp1"]["n"] == 0
 
 
 def test_decide_cp2_correlates_per_sample():
