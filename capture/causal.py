@@ -180,6 +180,9 @@ def resample_tokens(states: "torch.Tensor", n: int) -> "torch.Tensor":
     return out[0].T.to(states.dtype)
 
 
+MAX_DONOR_TRIES = 4  # candidates tried when a donor row cannot be read or encoded
+
+
 def pick_donor(index: int, n_items: int, seed: int = 0) -> int | None:
     """The swap donor of selection row ``index``: another row, fixed by ``(seed, index)``.
 
@@ -188,10 +191,29 @@ def pick_donor(index: int, n_items: int, seed: int = 0) -> int | None:
     >>> pick_donor(4, 10) != 4, pick_donor(0, 1)
     (True, None)
     """
-    if n_items < 2:
-        return None
-    other = int(np.random.default_rng([seed, index]).integers(n_items - 1))
-    return other + 1 if other >= index else other
+    rows = donor_rows(index, n_items, seed, tries=1)
+    return rows[0] if rows else None
+
+
+def donor_rows(index: int, n_items: int, seed: int = 0, tries: int = MAX_DONOR_TRIES) -> list[int]:
+    """Up to ``tries`` distinct swap donor candidates of row ``index``, first :func:`pick_donor`'s.
+
+    The next candidates stand in when a donor row is unreadable; all are fixed by ``(seed, index)``.
+
+    >>> rows = donor_rows(4, 10, tries=3)
+    >>> len(set(rows)) == 3 and 4 not in rows and rows[0] == pick_donor(4, 10), donor_rows(0, 1)
+    (True, [])
+    """
+    rng = np.random.default_rng([seed, index])
+    out: list[int] = []
+    for _ in range(8 * tries):  # draws with repeats: a few more than tries find distinct rows
+        if len(out) == min(tries, n_items - 1):
+            break
+        other = int(rng.integers(n_items - 1))
+        row = other + 1 if other >= index else other
+        if row not in out:
+            out.append(row)
+    return out
 
 
 def with_answer(sample: "PromptSample", answer_ids: Sequence[int]) -> "PromptSample":
@@ -627,8 +649,8 @@ def causal_sample(loaded: "LoadedModel", sample: "PromptSample", *, methods: Seq
     batch_size
         Variants per forward.
     donor
-        The swap donor, encoded with its own answer (see :func:`pick_donor`); required for
-        ``swap``.
+        The swap donor, encoded with its own answer (see :func:`pick_donor`); without one the
+        ``swap`` variants are NaN (``swap_donor`` empty).
     prefix
         Start each variant from the cached clean block output (default) instead of a full
         forward; both give the same numbers.
@@ -670,9 +692,7 @@ def causal_sample(loaded: "LoadedModel", sample: "PromptSample", *, methods: Seq
     if "swap" in methods:
         values.update(swap_donor="", donor_logp_clean=float("nan"),
                       donor_logp_patched=np.full((len(layers), len(channels)), np.nan))
-        if donor is None:
-            errors.append("swap: no donor sample")
-        else:
+        if donor is not None:  # none (a one-sample selection, unreadable donors): swap stays NaN
             try:
                 values["swap_donor"] = str(donor.meta.get("sample_id", ""))
                 donor_clean = engine.clean_pass(donor)

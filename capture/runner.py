@@ -653,21 +653,28 @@ class CaptureRunner:
         return values, errors
 
     def _donors(self, batch: Batch) -> list[PromptSample | None]:
-        """Each sample's swap donor (``capture.causal.pick_donor``), encoded with its own answer."""
-        from capture.causal import pick_donor
+        """Each sample's swap donor (``capture.causal.donor_rows``), encoded with its own answer.
+
+        An unreadable donor row is the donor's fault, not the sample's: the next candidate stands
+        in, and with none left the sample's swaps are NaN (``swap_donor`` empty).
+        """
+        from capture.causal import donor_rows
         from capture.prompts import encode_sample
 
         if self.donor_source is None:
             raise GapError("causal method 'swap' needs the dataset to read donors from")
         out: list[PromptSample | None] = []
         for s in batch.samples:
-            row = pick_donor(int(s.meta["index"]), len(self.donor_source), self.cfg.capture.causal.seed)
-            try:
-                donor = None if row is None else encode_sample(
-                    self.loaded.processor, self.loaded.image_token_id, self.donor_source[row])
-            except Exception as exc:  # noqa: BLE001 - a bad donor leaves swap NaN for this sample only
-                log.warning("swap donor %s of %s unusable: %s", row, s.meta["sample_id"], _one_line(exc))
-                donor = None
+            donor = None
+            for row in donor_rows(int(s.meta["index"]), len(self.donor_source), self.cfg.capture.causal.seed):
+                try:
+                    donor = encode_sample(self.loaded.processor, self.loaded.image_token_id,
+                                          self.donor_source[row])
+                    break
+                except Exception as exc:  # noqa: BLE001 - try the next candidate
+                    log.warning("swap donor %s of %s unusable: %s", row, s.meta["sample_id"], _one_line(exc))
+            if donor is None:
+                log.warning("%s: no usable swap donor; its swap values are NaN", s.meta["sample_id"])
             out.append(donor)
         return out
 

@@ -344,6 +344,39 @@ def test_a_setup_error_stops_the_shard_at_once(tiny_checkpoint, tmp_path):
     assert RunWriter.committed_in(tmp_path / "run", 0, 1) == set()
 
 
+def test_an_unreadable_swap_donor_is_replaced_and_costs_the_sample_nothing(tiny_checkpoint, tmp_path):
+    from capture.causal import donor_rows
+    from capture.datasets import DataError
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(4)
+    first, second = donor_rows(0, 4)[:2]
+
+    class Source:  # the dataset, with unreadable rows
+        def __init__(self, bad):
+            self.bad = bad
+
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, row):
+            if row in self.bad:
+                raise DataError(f"t/{row}", "cannot decode image")
+            return samples[row]
+
+    cfg = _cfg(path, batch_size=2, causal={"methods": ["swap", "zero"], "layers": [1]})
+    stats, ds = _capture(loaded, cfg, samples[:1], tmp_path / "run", donor_source=Source({first}))
+    assert stats.n_ok == 1 and ds["status"].values[0] == "ok" and ds["error"].values[0] == ""
+    assert ds["swap_donor"].values[0] == f"t/{second}"  # the next candidate stood in
+    assert np.isfinite(ds["delta"].sel(layer=1).values).all() and int(ds.sizes["token"]) > 0  # hidden kept
+    # no usable donor at all: swap NaN, the sample still ok with its other values and hidden
+    stats, ds = _capture(loaded, cfg, samples[:1], tmp_path / "run2", donor_source=Source({1, 2, 3}))
+    assert stats.n_ok == 1 and ds["swap_donor"].values[0] == "" and int(ds.sizes["token"]) > 0
+    assert np.isnan(ds["delta"].sel({"layer": 1, "method": "swap"}).values).all()
+    assert np.isfinite(ds["delta"].sel({"layer": 1, "method": "zero"}).values).all()
+
+
 def test_samples_are_read_and_encoded_ahead_on_their_own_thread(tiny_checkpoint, tmp_path, monkeypatch):
     # The capture loop's thread only feeds the model; an error of the items' iterator still
     # surfaces in it, after the samples before it, and no reader thread outlives the run.
