@@ -334,6 +334,10 @@ class CaptureRunner:
 
         if getattr(loaded.processor, "chat_template", None) is None:
             raise GapError(f"model.path {loaded.info.get('path')}: the processor has no chat template")
+        if "knockout" in cfg.capture.truncation.modes:  # before any work, not once per sample
+            from capture.attention import check_attention_implementation
+
+            check_attention_implementation(loaded.model)
         self.loaded, self.cfg, self.spec, self.writer = loaded, cfg, spec, writer
         self.padding_side, self.max_batch_tokens = padding_side, max_batch_tokens
         self.on_record = on_record or (lambda record: None)
@@ -427,6 +431,8 @@ class CaptureRunner:
                                      getattr(item, "reason", _one_line(item)), status=STATUS_DATA)
             try:
                 return encode_sample(processor, image_token_id, item)
+            except GapError:  # the processor or template is at fault, not the sample: stop
+                raise
             # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only
             except Exception as exc:  # noqa: BLE001
                 return failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
@@ -643,8 +649,8 @@ class CaptureRunner:
                         errors_partial[i] = "; ".join(filter(None, [errors_partial[i], note]))
                     values[i].update(extra)
             except Exception as exc:
-                if _is_oom(exc):
-                    raise  # _process halves the batch
+                if _is_oom(exc) or isinstance(exc, GapError):
+                    raise  # _process halves the batch; a setup error stops the shard
                 log.exception("intervention failed for a batch of %d", n)
                 errors = [_one_line(exc)] * n
         for i, note in enumerate(errors_partial):

@@ -344,6 +344,43 @@ def test_a_setup_error_stops_the_shard_at_once(tiny_checkpoint, tmp_path):
     assert RunWriter.committed_in(tmp_path / "run", 0, 1) == set()
 
 
+def test_knockout_under_flash_attention_stops_before_any_work(tiny_checkpoint, tmp_path, monkeypatch):
+    import capture.attention
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    monkeypatch.setattr(capture.attention, "attention_implementation", lambda model: "flash_attention_2")
+    cfg = _cfg(path, truncation={"modes": ["knockout"]})
+    spec = make_spec(cfg, loaded, n_total=4)
+    with pytest.raises(GapError, match=r"^model.attn_implementation 'flash_attention_2': attention knockout"):
+        with RunWriter(tmp_path / "run", spec) as writer:
+            CaptureRunner(loaded, cfg, spec, writer)
+
+
+def test_a_processor_that_cannot_encode_stops_the_shard(tiny_checkpoint, tmp_path, monkeypatch):
+    # encode_sample's GapError says the processor or template is wrong: every sample would fail
+    # as a "data error" (exit 0, nothing captured) if it were filed on the sample
+    import capture.prompts
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    real = capture.prompts.encode_sample
+
+    def encode(processor, image_token_id, item):
+        if item["index"] >= 2:
+            raise GapError(f"sample {item['sample_id']}: the processor's tokens do not match the prompt's")
+        return real(processor, image_token_id, item)
+
+    monkeypatch.setattr(capture.prompts, "encode_sample", encode)
+    cfg = _cfg(path, batch_size=1)
+    spec = make_spec(cfg, loaded, n_total=4)
+    with pytest.raises(GapError, match="^sample t/2: the processor's tokens do not match"):
+        with RunWriter(tmp_path / "run", spec) as writer:
+            CaptureRunner(loaded, cfg, spec, writer).run(_samples(4), window=1)
+    ds = open_run(tmp_path / "run")  # the samples before it are kept; no data_error records
+    assert dict(zip(ds["sample_id"].values, ds["status"].values)) == {"t/0": "ok", "t/1": "ok"}
+
+
 def test_an_unreadable_swap_donor_is_replaced_and_costs_the_sample_nothing(tiny_checkpoint, tmp_path):
     from capture.causal import donor_rows
     from capture.datasets import DataError
