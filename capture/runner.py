@@ -351,6 +351,7 @@ class CaptureRunner:
         self.stats = CaptureStats()
         self._batches_since_gc = 0
         self._errors_in_a_row = 0
+        self._encode_errors_in_a_row = 0
 
     # -- public ---------------------------------------------------------------------------------
     def run(self, items: Iterable[Any], window: int | None = None) -> CaptureStats:
@@ -389,7 +390,12 @@ class CaptureRunner:
                         break
                     if isinstance(encoded, SampleRecord):  # the item was bad: recorded, not captured
                         self._put(encoded)
+                        if encoded.status == STATUS_ERROR:
+                            self._encode_errors_in_a_row += 1
+                            self._stop_if_in_a_row(self._encode_errors_in_a_row, "processor",
+                                                   encoded.sample_id, encoded.error)
                     else:
+                        self._encode_errors_in_a_row = 0
                         buffer.append(encoded)
                 groups = length_batches([s.n_tokens for s in buffer], self.cfg.capture.batch_size,
                                         self.max_batch_tokens)
@@ -431,8 +437,9 @@ class CaptureRunner:
                                      getattr(item, "reason", _one_line(item)), status=STATUS_DATA)
             try:
                 return encode_sample(processor, image_token_id, item)
-            except GapError:  # the processor or template is at fault, not the sample: stop
-                raise
+            except GapError as exc:  # processor or template vs this text: retryable, counted
+                return failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
+                                     _one_line(exc), status=STATUS_ERROR, **_meta_fields(item))
             # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only
             except Exception as exc:  # noqa: BLE001
                 return failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
@@ -476,11 +483,16 @@ class CaptureRunner:
                     exc_info=log.isEnabledFor(logging.DEBUG))
         self._put(self._failed(s, STATUS_ERROR, _one_line(error)))
         self._errors_in_a_row += 1
-        if self._errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
-            raise GapError(f"the model failed on {self._errors_in_a_row} samples in a row (last, "
-                           f"{s.meta['sample_id']}: {_one_line(error)}); stopping: a model or config "
-                           "problem, not bad samples (the records so far are committed)") from error
+        self._stop_if_in_a_row(self._errors_in_a_row, "model", s.meta["sample_id"], _one_line(error))
         return []
+
+    @staticmethod
+    def _stop_if_in_a_row(n: int, what: str, sample_id: str, error: str) -> None:
+        """After ``MAX_ERRORS_IN_A_ROW`` samples failing one after another the setup is at fault."""
+        if n >= MAX_ERRORS_IN_A_ROW:
+            raise GapError(f"the {what} failed on {n} samples in a row (last, {sample_id}: {error}); "
+                           "stopping: a model or config problem, not bad samples (the records so far "
+                           "are committed)")
 
     def _forward(self, samples: list[PromptSample]) -> _InFlight:
         import torch

@@ -357,28 +357,37 @@ def test_knockout_under_flash_attention_stops_before_any_work(tiny_checkpoint, t
             CaptureRunner(loaded, cfg, spec, writer)
 
 
-def test_a_processor_that_cannot_encode_stops_the_shard(tiny_checkpoint, tmp_path, monkeypatch):
-    # encode_sample's GapError says the processor or template is wrong: every sample would fail
-    # as a "data error" (exit 0, nothing captured) if it were filed on the sample
+def test_a_processor_that_cannot_encode_fails_the_sample_and_in_a_row_stops_the_shard(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    # encode_sample's GapError (the processor or template against this text) is no data error:
+    # the sample is retryable, and many in a row mean the processor is wrong, not the samples
     import capture.prompts
+    from capture import runner
 
     path = tiny_checkpoint("llava", n_layers=2)
     loaded = load_model(_cfg(path).model)
     real = capture.prompts.encode_sample
+    broken = {1}
 
     def encode(processor, image_token_id, item):
-        if item["index"] >= 2:
+        if item["index"] in broken:
             raise GapError(f"sample {item['sample_id']}: the processor's tokens do not match the prompt's")
         return real(processor, image_token_id, item)
 
     monkeypatch.setattr(capture.prompts, "encode_sample", encode)
+    monkeypatch.setattr(runner, "MAX_ERRORS_IN_A_ROW", 3)
     cfg = _cfg(path, batch_size=1)
-    spec = make_spec(cfg, loaded, n_total=4)
-    with pytest.raises(GapError, match="^sample t/2: the processor's tokens do not match"):
-        with RunWriter(tmp_path / "run", spec) as writer:
-            CaptureRunner(loaded, cfg, spec, writer).run(_samples(4), window=1)
-    ds = open_run(tmp_path / "run")  # the samples before it are kept; no data_error records
-    assert dict(zip(ds["sample_id"].values, ds["status"].values)) == {"t/0": "ok", "t/1": "ok"}
+    stats, ds = _capture(loaded, cfg, _samples(4), tmp_path / "run")
+    assert dict(zip(ds["sample_id"].values, ds["status"].values)) == {
+        "t/0": "ok", "t/1": STATUS_ERROR, "t/2": "ok", "t/3": "ok"}
+    assert stats.n_bad == 1  # exit 1: not every sample is ok or failed for a data reason
+    broken.update({3, 4, 5, 6})
+    spec = make_spec(cfg, loaded, n_total=8)
+    with pytest.raises(GapError, match=r"^the processor failed on 3 samples in a row \(last, t/5: GapError: sample t/5"):
+        with RunWriter(tmp_path / "run2", spec) as writer:
+            CaptureRunner(loaded, cfg, spec, writer).run(_samples(8), window=2)
+    status = dict(zip(*(open_run(tmp_path / "run2")[k].values for k in ("sample_id", "status"))))
+    assert status["t/3"] == status["t/4"] == status["t/5"] == STATUS_ERROR and status["t/0"] == "ok"
 
 
 def test_an_unreadable_swap_donor_is_replaced_and_costs_the_sample_nothing(tiny_checkpoint, tmp_path):
