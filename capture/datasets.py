@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import re
+import threading
 import warnings
 from bisect import bisect_right
 from collections import Counter
@@ -169,7 +170,13 @@ class _Source:
 
 
 class _ParquetSource(_Source):
-    """Rows of parquet files; reads one row group at a time and keeps the last one."""
+    """Rows of parquet files; reads one row group at a time and keeps the last one per thread.
+
+    Capture reads its shard on one thread and swap donors on another: a ``ParquetFile`` is not
+    safe to read from two threads at once (crashes, or a good row read as damaged), so reads
+    take a lock, and each thread keeps its own last group (a donor read does not evict the
+    shard's).
+    """
 
     def __init__(self, files: list[Path]) -> None:
         import pyarrow.parquet as pq
@@ -188,15 +195,19 @@ class _ParquetSource(_Source):
                 starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
         self.starts = starts
         self.n_rows = starts[-1]
-        self._cached: tuple[Any, Any] = (None, None)
+        self._lock = threading.Lock()
+        self._cache = threading.local()  # .group: (key, table) of this thread's last read
 
     def row(self, i: int, columns: list[str]) -> dict[str, Any]:
         g = bisect_right(self.starts, i) - 1
         key = (g, tuple(columns))
-        if self._cached[0] != key:
+        cached = getattr(self._cache, "group", (None, None))
+        if cached[0] != key:
             k, group = self.groups[g]
-            self._cached = (key, self.files[k].read_row_group(group, columns=columns))
-        return self._cached[1].slice(i - self.starts[g], 1).to_pylist()[0]
+            with self._lock:
+                cached = (key, self.files[k].read_row_group(group, columns=columns))
+            self._cache.group = cached
+        return cached[1].slice(i - self.starts[g], 1).to_pylist()[0]
 
     def null_mask(self, column: str, head: int | None = None) -> np.ndarray:
         # A struct's sub-field carries the struct's nulls, so image nullness costs no image bytes.
@@ -205,7 +216,8 @@ class _ParquetSource(_Source):
         for k, group in self.groups:
             if head is not None and seen >= head:
                 break
-            part = self.files[k].read_row_group(group, columns=[sub]).column(0)
+            with self._lock:
+                part = self.files[k].read_row_group(group, columns=[sub]).column(0)
             parts.append(_absent(part))
             seen += len(part)
         return np.concatenate(parts) if parts else np.zeros(0, bool)

@@ -360,6 +360,48 @@ def test_split_names_from_file_names():
     assert cd.split_of(Path("train.parquet")) == "train"
 
 
+def test_two_threads_read_one_parquet_split(tmp_path, monkeypatch):
+    # capture reads its shard on one thread and swap donors on another; pyarrow's ParquetFile is
+    # not thread-safe (crashes, or good rows read as damaged): reads must never overlap, and a
+    # donor read must not evict the shard thread's row group
+    import threading
+    import time
+
+    ds = open_dataset(cfg("chartqa", chartqa_dir(tmp_path, n=40)))
+    real, inside, overlaps, reads = pq.ParquetFile.read_row_group, [0], [0], []
+
+    def read_row_group(self, *args, **kwargs):
+        inside[0] += 1
+        overlaps[0] += inside[0] > 1
+        time.sleep(0.002)  # widen the window two unlocked readers would share
+        reads.append(threading.current_thread().name)
+        inside[0] -= 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
+    wrong = []
+
+    def check(s):
+        if isinstance(s, Exception) or s["answer"] != str(s["index"] * 10):
+            wrong.append(s)
+
+    def shard():
+        for s in ds.iter_indices(range(40)):
+            check(s)
+
+    def donors():
+        for i in range(40):
+            check(ds[(i * 7 + 3) % 40])
+
+    threads = [threading.Thread(target=shard, name="shard"), threading.Thread(target=donors, name="donors")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [] and overlaps[0] == 0
+    assert reads.count("shard") == 20  # 40 rows in groups of 2: each group read once by the shard
+
+
 def test_damaged_row_group_fails_only_its_samples(tmp_path, monkeypatch):
     ds = open_dataset(cfg("chartqa", chartqa_dir(tmp_path, n=4)))
     real = pq.ParquetFile.read_row_group
