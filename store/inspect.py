@@ -18,8 +18,11 @@ def _disk_usage(path: Path) -> tuple[int, int]:
     files = size = 0
     for root, _, names in os.walk(path):
         for name in names:
+            try:
+                size += os.path.getsize(os.path.join(root, name))
+            except FileNotFoundError:  # a live writer's temporary file, renamed since the listing
+                continue
             files += 1
-            size += os.path.getsize(os.path.join(root, name))
     return files, size
 
 
@@ -68,7 +71,11 @@ def _check_array(part: PartState, name: str, expect: dict[str, Any], problems: l
     if not meta_path.exists():
         problems.append(f"{where}: missing array metadata")
         return
-    meta = layout.read_json(meta_path)
+    try:
+        meta = layout.read_json(meta_path)
+    except ValueError as exc:  # truncated or overwritten: name it, and check the rest
+        problems.append(f"{where}: array metadata zarr.json is damaged ({str(exc).splitlines()[0]})")
+        return
     for key in ("data_type", "chunk_grid"):
         if meta.get(key) != expect[key]:
             problems.append(f"{where}: {key} {meta.get(key)} != expected {expect[key]}")

@@ -362,21 +362,27 @@ def parse_commit_log(data: bytes) -> CommitLog:
     A complete line that is not JSON (the file damaged since) is skipped and listed in
     ``damaged``, so the commits after it still count: each commit names its own token range.
 
-    >>> log = parse_commit_log(b'{"end": 8}\\n{"end": 1\\x00}\\n{"end": 16}\\n{"end"')
+    Lines end at ``\\n`` only: a damaged byte that reads as ``\\r`` must not look like a torn
+    last line, which would hide every commit after it (and resume would truncate them away).
+
+    >>> log = parse_commit_log(b'{"end": 8}\\n{"e\\rnd": 1}\\n[16]\\n{"end": 16}\\n{"end"')
     >>> [c["end"] for c in log.commits], log.good, log.damaged
-    ([8, 16], 35, [(2, 1)])
+    ([8, 16], 40, [(2, 1), (3, 1)])
     """
     commits: list[dict[str, Any]] = []
     damaged: list[tuple[int, int]] = []
     good = 0
-    for number, line in enumerate(data.splitlines(keepends=True), 1):
-        if not line.endswith(b"\n"):
-            break
+    *lines, _torn = data.split(b"\n")  # the last piece has no newline: never a commit
+    for number, line in enumerate(lines, 1):
         try:
-            commits.append(json.loads(line))
+            commit = json.loads(line)
         except ValueError:  # not JSON, or not UTF-8
+            commit = None
+        if isinstance(commit, dict):
+            commits.append(commit)
+        else:  # damaged, or JSON that is no commit
             damaged.append((number, len(commits)))
-        good += len(line)
+        good += len(line) + 1
     return CommitLog(commits, good, damaged)
 
 

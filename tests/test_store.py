@@ -318,9 +318,37 @@ def test_verify_finds_damage(tmp_path):
     cli = subprocess.run([PY, "-m", "gap", "store", "verify", str(run)], capture_output=True, text=True,
                          cwd=HERE.parent)
     assert cli.returncode == 1 and "DAMAGED" in cli.stderr
+    # an array's metadata cut short is named, and the rest is still checked
+    text = (part / "hidden" / "zarr.json").read_text()
+    (part / "hidden" / "zarr.json").write_text(text[: len(text) // 2])
+    problems = "\n".join(verify_run(run))
+    assert "shard-0000-of-0002/hidden: array metadata zarr.json is damaged" in problems
+    assert "data_type int64" in problems and "duplicated sample" in problems
 
 
-def test_a_damaged_commit_line_loses_only_its_segment_and_resume_recaptures_it(tmp_path):
+def test_info_counts_survive_files_renamed_while_walking(tmp_path, monkeypatch):
+    # a live writer renames its temporary files away between the listing and the size
+    from store import inspect as store_inspect
+
+    run = tmp_path / "run"
+    spec = make_spec(n_total=4)
+    with RunWriter(run, spec) as w:
+        for i in range(4):
+            w.put(make_record(i, spec))
+    before = store_inspect.run_info(run)
+    real = os.walk
+
+    def walk_with_a_vanished_file(top):
+        for root, dirs, names in real(top):
+            yield root, dirs, [*names, ".0.tmp4242"]
+
+    monkeypatch.setattr(store_inspect.os, "walk", walk_with_a_vanished_file)
+    after = store_inspect.run_info(run)
+    assert (after["files"], after["bytes"]) == (before["files"], before["bytes"]) and after["ok"] == 4
+
+
+@pytest.mark.parametrize("byte", [b"\xff", b"\r"])  # not UTF-8; a line break only to splitlines
+def test_a_damaged_commit_line_loses_only_its_segment_and_resume_recaptures_it(tmp_path, byte):
     # A complete line that is no longer JSON (a flipped byte) hides its own samples only; the
     # commits after it still count, verify names the line, and --resume captures them again
     # without dropping anything committed.
@@ -332,7 +360,7 @@ def test_a_damaged_commit_line_loses_only_its_segment_and_resume_recaptures_it(t
     lines = log_path.read_bytes().splitlines(keepends=True)
     assert len(lines) >= 4
     lost = {s["index"] for s in json.loads(lines[1])["samples"]}
-    lines[1] = lines[1][:5] + b"\xff" + lines[1][6:]  # not UTF-8 any more, same length
+    lines[1] = lines[1][:5] + byte + lines[1][6:]  # same length
     log_path.write_bytes(b"".join(lines))
     ds = open_run(run)
     assert set(ds.sample_index.values) == set(range(n_total)) - lost
