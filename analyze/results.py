@@ -26,22 +26,13 @@ PRIMARY_METHODS = ("zero", "mean", "gaussian", "swap")
 __all__ = ["ANALYSIS_STORE", "build", "dataset_name", "read", "write"]
 
 
-def _run_config(run: Any) -> dict[str, Any]:
+def dataset_name(run: Any) -> str:
+    """The run's ``data.name`` (which evaluator judges its texts), from the stored config."""
     import yaml
 
     text = run.attrs.get("config_yaml", "")
-    return (yaml.safe_load(text) if text else None) or {}
-
-
-def dataset_name(run: Any) -> str:
-    """The run's ``data.name`` (which evaluator judges its texts), from the stored config."""
-    return str((_run_config(run).get("data") or {}).get("name") or "synthetic")
-
-
-def generated(run: Any) -> bool:
-    """Whether the run generated answers under truncation (``capture.truncation.score``)."""
-    truncation = (_run_config(run).get("capture") or {}).get("truncation") or {}
-    return "generate" in (truncation.get("score") or [])
+    cfg = yaml.safe_load(text) if text else None
+    return str(((cfg or {}).get("data") or {}).get("name") or "synthetic")
 
 
 def ok_mask(run: Any) -> np.ndarray:
@@ -121,9 +112,9 @@ def truncation_variables(run: Any, ok: np.ndarray, subsets: np.ndarray, cfg: Ana
     if "trunc_logp" not in run or run.sizes.get("mode", 0) == 0:
         return ({}, {}, {}), subsets
     order = ("sample", "trunc_layer", "mode")
-    # The config, not the texts, says whether answers were generated: an empty answer is
-    # scored (wrong), even when the model stopped at once on every sample.
-    if "trunc_text" in run and generated(run):
+    # A run has trunc_text only when it generated answers; an empty answer is scored (wrong),
+    # even when the model stopped at once on every sample.
+    if "trunc_text" in run:
         from analyze.evaluators import evaluate
 
         texts = run["trunc_text"].transpose(*order).values

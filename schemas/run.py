@@ -34,6 +34,7 @@ class Variable:
     dtype: str  # numpy dtype string, or "str" for unicode text
     fill: Any
     doc: str
+    needs: str = ""  # the config choice without which a run has no such variable ("": none)
 
     @property
     def level(self) -> str:
@@ -73,19 +74,35 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in [
              "answer log-prob with `channel` patched by `method` at the output of `layer`"),
     Variable("delta", ("sample", "layer", "method", "channel"), "float64", _NAN,
              "logp_clean - logp_patched"),
-    Variable("swap_donor", ("sample",), "str", "", "sample_id of the swap donor"),
+    Variable("swap_donor", ("sample",), "str", "", "sample_id of the swap donor (empty: none usable)",
+             needs="swap"),
     Variable("donor_logp_clean", ("sample",), "float64", _NAN,
-             "log-prob of the donor's answer on the clean input"),
+             "log-prob of the donor's answer on the clean input", needs="swap"),
     Variable("donor_logp_patched", ("sample", "layer", "channel"), "float64", _NAN,
-             "log-prob of the donor's answer after the swap patch"),
+             "log-prob of the donor's answer after the swap patch", needs="swap"),
     Variable("trunc_logp", ("sample", "trunc_layer", "mode"), "float64", _NAN,
              "answer log-prob with visual tokens truncated after `trunc_layer` (-1: none)"),
     Variable("trunc_text", ("sample", "trunc_layer", "mode"), "str", "",
-             "greedy generation under the same truncation"),
+             "greedy generation under the same truncation", needs="generate"),
 ]}
 
 # Coordinates of the non-sample dims of sample-level variables (values set per run).
 COORD_DIMS = ("layer", "method", "channel", "trunc_layer", "mode")
+
+
+def produced(var: Variable, config: dict[str, Any]) -> bool:
+    """Whether a run of ``config`` (the run's config as a plain dict) has ``var``: ``trunc_text``
+    needs ``capture.truncation.score`` to generate, the donor variables the ``swap`` method.
+
+    >>> produced(VARIABLES["trunc_text"], {"capture": {"truncation": {"score": ["logprob"]}}})
+    False
+    """
+    capture = config.get("capture") or {}
+    if var.needs == "generate":
+        return "generate" in ((capture.get("truncation") or {}).get("score") or [])
+    if var.needs == "swap":
+        return "swap" in ((capture.get("causal") or {}).get("methods") or [])
+    return True
 
 
 def sample_variables() -> list[Variable]:
@@ -171,7 +188,8 @@ def schema_table() -> str:
     """Markdown table of the schema (used by the docs)."""
     rows = ["| name | dims | dtype | fill | meaning |", "|---|---|---|---|---|"]
     for v in VARIABLES.values():
-        rows.append(f"| `{v.name}` | {', '.join(v.dims)} | {v.dtype} | {v.fill!r} | {v.doc} |")
+        needs = f" (only with `{v.needs}`)" if v.needs else ""
+        rows.append(f"| `{v.name}` | {', '.join(v.dims)} | {v.dtype} | {v.fill!r} | {v.doc}{needs} |")
     return "\n".join(rows)
 
 

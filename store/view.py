@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from schemas.run import TOKEN_FLAG_ANSWER, TOKEN_FLAG_TEXT, TOKEN_FLAG_VISUAL, VARIABLES, sample_variables
+from schemas.run import (TOKEN_FLAG_ANSWER, TOKEN_FLAG_TEXT, TOKEN_FLAG_VISUAL, VARIABLES, produced,
+                         sample_variables)
 from store import layout
 from store.encoding import decode_hidden, decode_values
 from store.reader import PartState, RunState, read_run
@@ -145,12 +147,15 @@ def open_run(run: str | Path, chunks: int | None = None):
         values = [m.get(name, var.fill) for _, m in samples]
         data[name] = (("sample",), np.array(values, dtype=str if var.dtype == "str" else var.dtype))
     data["answers"] = (("sample",), np.array([json.dumps(m.get("answers", [])) for _, m in samples], dtype=str))
+    config = yaml.safe_load(state.attrs.get("config_yaml") or "") or {}
     for var in sample_variables():
         if var.name in data or var.name == "sample_index":
             continue
-        items = [m.get("values", {}).get(var.name) for _, m in samples]
         if var.dims[1:] and not all(coords_spec.get(d) for d in var.dims[1:]):
             continue  # this run did not configure the dimension (e.g. no causal methods)
+        if not produced(var, config):
+            continue  # e.g. trunc_text of a run that generated nothing (CONTRACT)
+        items = [m.get("values", {}).get(var.name) for _, m in samples]
         data[var.name] = (var.dims, decode_values(var.name, items, coords_spec))
 
     # per-token coordinates, ordered by sample

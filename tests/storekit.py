@@ -17,10 +17,12 @@ COORDS = {"layer": [0, 1, 2], "method": ["zero", "swap"], "channel": ["visual", 
 
 
 def make_spec(encoding: str = "bfloat16", layers=(0, 1, 2), hidden_size: int = 16, n_total: int = 12,
-              block_tokens: int | None = 8, model_path: str = "/models/toy") -> RunSpec:
+              block_tokens: int | None = 8, model_path: str = "/models/toy",
+              score: tuple[str, ...] = ("logprob", "generate")) -> RunSpec:
     cfg = config_from_dict({"model": {"path": model_path},
                             "capture": {"causal": {"methods": ["zero", "swap"]},
-                                        "truncation": {"modes": ["knockout"], "layers": [0, 2]}}})
+                                        "truncation": {"modes": ["knockout"], "layers": [0, 2],
+                                                       "score": list(score)}}})
     return RunSpec(config=cfg, model_info={"family": "toy", "n_layers": 3}, layers=list(layers),
                    hidden_size=hidden_size, hidden_encoding=encoding, coords=dict(COORDS),
                    n_total=n_total, block_tokens=block_tokens)

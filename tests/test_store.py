@@ -76,6 +76,16 @@ def test_round_trip_every_variable(tmp_path, encoding):
     assert verify_run(tmp_path / "run") == []
 
 
+def test_variables_of_choices_the_run_did_not_make_are_absent(tmp_path):
+    # CONTRACT: trunc_text only when generation is configured (an empty text is an answer)
+    spec = make_spec(n_total=2, score=("logprob",))
+    with RunWriter(tmp_path / "run", spec) as w:
+        for i in range(2):
+            w.put(make_record(i, spec))
+    ds = open_run(tmp_path / "run")
+    assert "trunc_text" not in ds and "trunc_logp" in ds and "swap_donor" in ds
+
+
 def test_zstd_shards_round_trip_and_read_by_zarr(tmp_path):
     import zarr
 
