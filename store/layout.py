@@ -28,6 +28,7 @@ import errno
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -258,7 +259,7 @@ def atomic_write(path: Path, pieces: list[Piece] | bytes, fsync: bool = False) -
     if isinstance(pieces, (bytes, bytearray, memoryview)):
         pieces = [pieces]
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temp_path(path, "tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         try:
@@ -311,11 +312,17 @@ def write_json(path: Path, obj: Any, fsync: bool = False) -> None:
     atomic_write(path, json.dumps(obj, indent=1).encode(), fsync)
 
 
+def _temp_path(path: Path, tag: str) -> Path:
+    """A temporary name beside ``path`` that no other process uses: a pid alone repeats across
+    the nodes sharing a file system (two shards starting at once would share one file)."""
+    return path.with_name(f".{path.name}.{tag}{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def create_json_exclusive(path: Path, obj: Any) -> bool:
     """Create ``path`` with ``obj`` unless it exists (atomic across processes, durable). True if
     created."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.new{os.getpid()}")
+    tmp = _temp_path(path, "new")
     with open(tmp, "wb") as fh:
         fh.write(json.dumps(obj, indent=1).encode())
         fh.flush()
