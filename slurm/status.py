@@ -96,8 +96,11 @@ def _parse_states(text: str) -> dict[str, str]:
     return states
 
 
-def job_states(job_ids: Sequence[str]) -> dict[str, str]:
+def job_states(job_ids: Sequence[str], strict: bool = False) -> dict[str, str]:
     """Slurm state of each job id (``123`` or ``123_4``) that squeue or sacct still knows.
+
+    With ``strict``, a failing squeue (a controller timeout) that sacct cannot stand in for is a
+    :class:`GapError`: an empty answer would read as "nothing in the queue".
 
     Examples
     --------
@@ -112,11 +115,17 @@ def job_states(job_ids: Sequence[str]) -> dict[str, str]:
                           "-o", "%i|%T"], capture_output=True, text=True, timeout=60, check=False)
     states = _parse_states(out.stdout) if out.returncode == 0 else {}
     missing = [j for j in job_ids if j not in states]
+    accounted = False
     if missing and shutil.which("sacct"):
         acct = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
                               capture_output=True, text=True, timeout=60, check=False)
-        if acct.returncode == 0:  # non-zero where accounting is disabled
+        accounted = acct.returncode == 0  # non-zero where accounting is disabled
+        if accounted:
             states.update({k: v for k, v in _parse_states(acct.stdout).items() if k not in states})
+    if strict and out.returncode != 0 and not accounted:
+        reason = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise GapError(f"squeue failed ({reason}): cannot tell whether jobs {', '.join(ids)} are still "
+                       "queued; try again")
     return {j: states[j] for j in job_ids if j in states}
 
 

@@ -185,7 +185,7 @@ def _check_not_active(run_dir: Path) -> None:
     jobs = list(shard_jobs(submissions).values())
     if submissions[-1].get("analysis"):
         jobs.append(submissions[-1]["analysis"])
-    active = {j: s for j, s in job_states(jobs).items() if s in ACTIVE_STATES}
+    active = {j: s for j, s in job_states(jobs, strict=True).items() if s in ACTIVE_STATES}
     if active:
         listed = ", ".join(f"{j} {s}" for j, s in sorted(active.items()))
         raise GapError(f"{run_dir} still has jobs in the queue ({listed}); wait for them or scancel them first")

@@ -307,7 +307,7 @@ def test_a_failed_analysis_submission_still_records_the_capture(tmp_path: Path, 
         return real(command)
 
     monkeypatch.setattr(submit, "sbatch", rejects_analysis)
-    monkeypatch.setattr(submit, "job_states", lambda jobs: {j: "RUNNING" for j in jobs})
+    monkeypatch.setattr(submit, "job_states", lambda jobs, strict: {j: "RUNNING" for j in jobs})
     cfg = write_yaml(tmp_path / "c.yaml", {"model": {"path": "/m"}, "data": {"limit": 4},
                                            "slurm": {"shards": 2, "gpus": 0}})
     run = tmp_path / "run"
@@ -317,6 +317,24 @@ def test_a_failed_analysis_submission_still_records_the_capture(tmp_path: Path, 
                                       "analysis": None}]
     with pytest.raises(GapError, match=r"still has jobs in the queue \(100_0 RUNNING, 100_1 RUNNING\)"):
         submit.submit(submit.plan_submission(cfg, run, gap=["gap"]))
+
+
+def test_a_failing_squeue_does_not_read_as_an_empty_queue(tmp_path: Path, fake_sbatch: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"path": "/m"}, "data": {"limit": 4},
+                                           "slurm": {"shards": 2, "gpus": 0}})
+    run = tmp_path / "run"
+    submit.submit(submit.plan_submission(cfg, run, gap=["gap"]))  # no squeue on PATH: nothing known
+    bin_dir = fake_sbatch.parent / "sbatch_bin"
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 'squeue: error: Socket timed out on send/recv' >&2\nexit 1\n")
+    (bin_dir / "squeue").chmod(0o755)
+    (bin_dir / "sacct").write_text("#!/bin/sh\necho 'sacct: error: accounting storage is disabled' >&2\nexit 1\n")
+    (bin_dir / "sacct").chmod(0o755)
+    with pytest.raises(GapError, match=r"^squeue failed \(squeue: error: Socket timed out on send/recv\): "
+                                       r"cannot tell whether jobs 100, 101 are still queued"):
+        submit.submit(submit.plan_submission(cfg, run, gap=["gap"]))
+    assert len(status.read_jobs(run)) == 1  # nothing submitted twice
+    assert status.job_states(["100_0"]) == {}  # status itself shows the states as unknown
 
 
 def test_submit_without_sbatch_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
