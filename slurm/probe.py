@@ -67,13 +67,15 @@ def check_data(cfg: Config) -> str:
     if data.name == "synthetic":
         return "data synthetic (generated)"
     if data.path is None:
-        # Hub datasets are cached as datasets--ORG--NAME; the name contains ours (ChartQA, VQAv2...).
-        found = [p for p in _hub_cache().glob("datasets--*")
-                 if data.name in p.name.split("--")[-1].lower()] if _hub_cache().is_dir() else []
-        if not found:
-            raise GapError(f"data.path is not set and no {data.name} dataset is in the HF hub cache "
+        # the very snapshot the loader will read: the dataset's own hub repo, not any look-alike
+        from capture.datasets import SPECS, hub_cache_snapshot
+
+        repo = SPECS[data.name].repo
+        snapshot = hub_cache_snapshot(repo)
+        if snapshot is None:
+            raise GapError(f"data.path is not set and {repo} ({data.name}) is not in the HF hub cache "
                            f"{_hub_cache()}: stage it with `gap data stage {data.name} --to DIR` and set data.path")
-        return f"data {data.name} in hub cache ({found[0].name})"
+        return f"data {data.name} in hub cache ({snapshot})"
     root = Path(data.path).expanduser()
     if not root.exists():
         raise GapError(f"data.path {root} does not exist on {socket.gethostname()}")

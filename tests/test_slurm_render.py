@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -472,11 +473,11 @@ def test_probe_cpu_only_passes_without_torch(tmp_path: Path) -> None:
 @pytest.mark.parametrize("changes, message", [
     ({"model__path": "/nonexistent/model"}, "model.path /nonexistent/model is neither a directory nor in the HF hub"),
     ({"model__path": "org/not-cached"}, "model.path org/not-cached is neither a directory"),
-    ({"data__name": "chartqa"}, "data.path is not set and no chartqa dataset is in the HF hub cache"),
+    ({"data__name": "chartqa"}, "data.path is not set and HuggingFaceM4/ChartQA (chartqa) is not in the HF hub cache"),
     ({"data__name": "docvqa", "data__path": "/nonexistent/docvqa"}, "data.path /nonexistent/docvqa does not exist"),
 ])
 def test_probe_names_what_is_missing(tmp_path: Path, hub: Path, changes: dict, message: str) -> None:
-    with pytest.raises(GapError, match=message.replace(".", r"\.")) as err:
+    with pytest.raises(GapError, match=re.escape(message)) as err:
         probe.main([str(_probe_config(tmp_path, **changes))])
     assert "\n" not in str(err.value)
 
@@ -486,10 +487,14 @@ def test_probe_finds_hub_cache_entries(tmp_path: Path, hub: Path, capsys: pytest
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
     (snap / "model.safetensors").write_bytes(b"\0" * 10)
-    (hub / "datasets--HuggingFaceM4--ChartQA").mkdir()
+    (hub / "datasets--someone--chartqa-copy" / "snapshots" / "x").mkdir(parents=True)  # not the loader's repo
+    with pytest.raises(GapError, match="HuggingFaceM4/ChartQA .* is not in the HF hub cache"):
+        probe.main([str(_probe_config(tmp_path, model__path="org/tiny", data__name="chartqa"))])
+    data_snap = hub / "datasets--HuggingFaceM4--ChartQA" / "snapshots" / "def"
+    data_snap.mkdir(parents=True)
     assert probe.main([str(_probe_config(tmp_path, model__path="org/tiny", data__name="chartqa"))]) == 0
     out = capsys.readouterr().out
-    assert f"model {snap} (1 weight files" in out and "datasets--HuggingFaceM4--ChartQA" in out
+    assert f"model {snap} (1 weight files" in out and f"data chartqa in hub cache ({data_snap})" in out
 
 
 class _FakeCuda:
