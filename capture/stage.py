@@ -140,8 +140,9 @@ def stage(name: str, to: str | Path, splits: list[str] | None = None, source: st
     if manifest and manifest.get("dataset") != name:
         raise GapError(f"{manifest_path} belongs to dataset {manifest.get('dataset')!r}, "
                        f"not {name!r}")
-    manifest.update(dataset=name, repo=source or SPECS[name].repo, config=config,
-                    revision=revision, layout="parquet-v1")
+    # top level: the latest staging; each split also records its own source (they may differ)
+    origin = {"repo": source or SPECS[name].repo, "config": config, "revision": revision}
+    manifest.update(dataset=name, layout="parquet-v1", **origin)
     manifest.setdefault("splits", {})
     for split in splits or DEFAULT_SPLITS[name]:
         ds = _load_split(name, split, source, config, revision)
@@ -149,7 +150,8 @@ def stage(name: str, to: str | Path, splits: list[str] | None = None, source: st
             ds = ds.select(range(min(limit, len(ds))))
         n_files = max(1, min(len(ds), math.ceil(ds.data.nbytes / max_shard_bytes)))
         # The split is written whole into a hidden folder (readers skip dot-folders) and only then
-        # replaces the old files: a staging that stops half way leaves the old split as it was.
+        # replaces the old files: a staging that stops while writing leaves the old split as it
+        # was; one killed within the swap itself leaves a split that loaders refuse as incomplete.
         pending = out / f".staging-{split}"
         shutil.rmtree(pending, ignore_errors=True)
         pending.mkdir()
@@ -166,7 +168,7 @@ def stage(name: str, to: str | Path, splits: list[str] | None = None, source: st
         for entry in files:
             os.replace(pending / Path(entry["path"]).name, out / entry["path"])
         pending.rmdir()
-        manifest["splits"][split] = {"rows": len(ds), "files": files,
+        manifest["splits"][split] = {"rows": len(ds), "files": files, **origin,
                                      "staged_at": datetime.now(timezone.utc).isoformat()}
         log.info("staged %s/%s: %d rows in %d file(s)", name, split, len(ds), n_files)
         tmp_manifest = manifest_path.with_suffix(".json.tmp")

@@ -64,8 +64,11 @@ def test_stage_writes_layout_manifest_and_loaders_read_it(tmp_path):
     assert s["answers"] == ["5"] and s["image"].getpixel((0, 0)) == (5, 100, 0)
 
     # staging another split later adds it to the same manifest
-    stage("chartqa", out, splits=["val"], source=str(src))
-    assert set(json.loads((out / "manifest.json").read_text())["splits"]) == {"test", "val"}
+    stage("chartqa", out, splits=["val"], source=str(src), revision="v2")
+    splits = json.loads((out / "manifest.json").read_text())["splits"]
+    assert set(splits) == {"test", "val"}
+    # each split keeps its own source; the top level tells only the latest staging
+    assert (splits["test"]["revision"], splits["val"]["revision"]) == (None, "v2")
     assert len(open_dataset(DataConfig(name="chartqa", path=str(out), split="val"))) == 3
 
 
@@ -75,7 +78,7 @@ def test_stage_shards_limit_and_config_subdirectory(tmp_path):
     out = tmp_path / "staged"
     # docvqa's default config DocVQA is the repo's sub-directory; limit 7, tiny shards
     manifest = stage("docvqa", out, source=str(src), limit=7, max_shard_bytes=100)
-    assert manifest["config"] == "DocVQA"
+    assert manifest["config"] == "DocVQA" and manifest["splits"]["validation"]["config"] == "DocVQA"
     files = manifest["splits"]["validation"]["files"]
     assert manifest["splits"]["validation"]["rows"] == 7 and len(files) == 7
     assert sum(f["rows"] for f in files) == 7
