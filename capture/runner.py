@@ -411,10 +411,7 @@ class CaptureRunner:
             # stopped by an error or an interrupt: the batch already captured still reaches the store
             if pending is not None:
                 done, pending = pending, None
-                try:
-                    self._finish(done)
-                except Exception as exc:  # noqa: BLE001 - the error on its way out matters more
-                    log.warning("the last captured batch could not be stored: %s", _one_line(exc))
+                self._store_before_raising([done])
             raise
         finally:
             ahead.close()
@@ -474,7 +471,12 @@ class CaptureRunner:
             half = len(samples) // 2
             log.warning("%s with a batch of %d; retrying as %d + %d",
                         "CUDA out of memory" if oom else _one_line(error), len(samples), half, len(samples) - half)
-            return self._process(samples[:half]) + self._process(samples[half:])
+            first = self._process(samples[:half])
+            try:
+                return first + self._process(samples[half:])
+            except BaseException:  # the shard stops in the second half: keep the first half's work
+                self._store_before_raising(first)
+                raise
         s = samples[0]
         if oom:
             self._put(self._failed(s, STATUS_OOM, f"CUDA out of memory with {s.n_tokens} tokens alone"))
@@ -485,6 +487,14 @@ class CaptureRunner:
         self._errors_in_a_row += 1
         self._stop_if_in_a_row(self._errors_in_a_row, "model", s.meta["sample_id"], _one_line(error))
         return []
+
+    def _store_before_raising(self, flights: list[_InFlight]) -> None:
+        """Store captured batches while an error is on its way out (which matters more)."""
+        for flight in flights:
+            try:
+                self._finish(flight)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("a captured batch could not be stored: %s", _one_line(exc))
 
     @staticmethod
     def _stop_if_in_a_row(n: int, what: str, sample_id: str, error: str) -> None:

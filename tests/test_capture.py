@@ -332,6 +332,33 @@ def test_a_model_failing_on_every_sample_stops_the_shard_keeping_what_was_captur
     assert len(calls) == 5
 
 
+def test_a_stop_in_the_second_half_of_a_halved_batch_keeps_the_first_half(tiny_checkpoint, tmp_path,
+                                                                            monkeypatch):
+    from capture import runner
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    original = CaptureRunner._forward
+
+    def fails_from_t2(self, batch_samples):
+        if any(s.meta["index"] >= 2 for s in batch_samples):
+            raise ValueError("shapes do not match")
+        return original(self, batch_samples)
+
+    monkeypatch.setattr(CaptureRunner, "_forward", fails_from_t2)
+    monkeypatch.setattr(runner, "MAX_ERRORS_IN_A_ROW", 2)
+    cfg = _cfg(path, batch_size=4)
+    spec = make_spec(cfg, loaded, n_total=4)
+    samples = [dict(s, question="what is it?") for s in _samples(4)]  # one length: one batch of 4
+    with pytest.raises(GapError, match="failed on 2 samples in a row"):
+        with RunWriter(tmp_path / "run", spec) as writer:
+            CaptureRunner(loaded, cfg, spec, writer).run(samples)
+    ds = open_run(tmp_path / "run")
+    # [0 1 2 3] fails -> [0 1] captured, [2 3] fails -> 2 and 3 fail alone: the shard stops
+    assert dict(zip(ds["sample_id"].values, ds["status"].values)) == {
+        "t/0": "ok", "t/1": "ok", "t/2": STATUS_ERROR, "t/3": STATUS_ERROR}
+
+
 def test_a_setup_error_stops_the_shard_at_once(tiny_checkpoint, tmp_path):
     # a GapError is the run's own fault, not a sample's: no halving, no failed records
     path = tiny_checkpoint("llava", n_layers=2)
