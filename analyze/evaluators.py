@@ -243,6 +243,7 @@ def relaxed_accuracy(prediction: str, answers: Sequence[str],
 # ----------------------------------------------------------------------------- ScienceQA
 
 _LETTER = re.compile(r"^\(?([A-Za-z])[\).:]?$")
+_LABELLED = re.compile(r"^\(?([A-Za-z])[\).:]\s*(\S.*)$")  # "(B) venus", "B. venus", "B: venus"
 
 
 def _plain(text: str) -> str:
@@ -271,6 +272,24 @@ def choice_match(prediction: str, answer: str, choices: Sequence[str] | None = N
     return 0.0
 
 
+def scienceqa_match(prediction: str, answers: Sequence[str]) -> float:
+    """ScienceQA with its gold ``answers`` ``[choice text, option letter]``: the prediction names
+    either, or both as a labelled option ("(B) venus", "B. venus"; letter and text must agree).
+
+    Examples
+    --------
+    >>> [scienceqa_match(p, ["venus", "B"]) for p in ("Venus", "(B)", "B. venus", "(B) mars", "A. venus")]
+    [1.0, 1.0, 1.0, 0.0, 0.0]
+    """
+    if any(choice_match(prediction, a) for a in answers):
+        return 1.0
+    labelled = _LABELLED.match(prediction.strip())
+    if labelled is None:
+        return 0.0
+    letter, text = labelled.groups()
+    return float(choice_match(letter, answers[-1]) == 1.0 and choice_match(text, answers[0]) == 1.0)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def evaluate(dataset_name: str, prediction: str, answers: Sequence[str]) -> float:
@@ -293,6 +312,6 @@ def evaluate(dataset_name: str, prediction: str, answers: Sequence[str]) -> floa
     if dataset_name in ("textvqa", "vqav2"):
         return vqa_accuracy(prediction, answers)
     if dataset_name == "scienceqa":
-        return max((choice_match(prediction, a) for a in answers), default=0.0)
+        return scienceqa_match(prediction, answers)
     known = "chartqa, docvqa, scienceqa, synthetic, textvqa, vqav2"
     raise ValueError(f"no evaluator for dataset {dataset_name!r}; known: {known}")

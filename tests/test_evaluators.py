@@ -129,6 +129,9 @@ def test_evaluate_dispatch():
     golds = ["venus", "B"]
     assert [evaluate("scienceqa", p, golds) for p in ("B", "(B)", "B.", "venus", "A", "(A) venus")] == \
         [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    # a labelled option counts when its letter and its text both name the gold choice
+    assert [evaluate("scienceqa", p, golds) for p in ("(B) venus", "B. Venus", "B: venus", "(B) mars",
+                                                      "B venus")] == [1.0, 1.0, 1.0, 0.0, 0.0]
     assert evaluate("synthetic", "march 14", ["march 14"]) == 1.0
     assert evaluate("synthetic", "march 1", ["march 14"]) == 0.0
     # containment is not an evaluator
