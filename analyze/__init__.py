@@ -23,7 +23,7 @@ def open_analysis(path: str | Path) -> Any:
 
     Variables follow CONTRACT.md: ``effective_rank`` (layer, modality), ``effective_rank_sample``
     and ``icc`` (sample, layer, modality), ``cka_modality`` (layer), ``cka_layers`` (modality,
-    layer, layer2; rows are the samples' mean-pooled states, not tokens), ``evd`` (sample), ``cliff_layer``, ``trunc_correct`` (sample, trunc_layer,
+    layer, layer2; minibatch CKA of the same tokens per sample), ``evd`` (sample), ``cliff_layer``, ``trunc_correct`` (sample, trunc_layer,
     mode), ``trunc_curve`` (trunc_layer, mode, subset), each geometry metric also as
     ``*_nomassive``, and the excluded massive tokens as ``massive_*``.
     """

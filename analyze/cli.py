@@ -114,7 +114,7 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
             geo = geometry(hidden, run["token_sample"].values, run["is_visual"].values,
                            run["is_text"].values, ok, client=client, scratch=out / ".scratch",
                            massive_k=cfg.analysis.massive_k, memory_budget=memory_budget,
-                           progress=progress)
+                           cka_tokens=cfg.analysis.cka_tokens, progress=progress)
     analysis = results.build(run, cfg.analysis, geo, relabel=relabel, source=str(run_dir))
     results.write(analysis, out)
     decision = decide(analysis, cfg.analysis)

@@ -24,7 +24,8 @@ import numpy as np
 
 __all__ = [
     "Moments", "cka_matrix", "debiased_cka", "debiased_hsic", "effective_rank",
-    "effective_rank_from_gram", "effective_rank_from_spectrum", "icc", "icc_shifted", "massive_mask",
+    "effective_rank_from_gram", "effective_rank_from_spectrum", "hsic_matrix", "icc", "icc_shifted",
+    "massive_mask", "minibatch_cka",
     "ROW_BUFFER_BYTES", "RowAccumulator",
 ]
 
@@ -422,6 +423,50 @@ def debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
     1.0
     """
     return float(cka_matrix([np.asarray(x), np.asarray(y)])[0, 1])
+
+
+def hsic_matrix(grams: np.ndarray) -> np.ndarray:
+    """Unbiased HSIC between every pair of ``L`` Gram matrices of the same ``n >= 4`` rows.
+
+    ``grams`` is ``(L, n, n)``, e.g. the linear Gram matrices of one sample's tokens at each
+    layer; returns ``(L, L)``.  Summed over samples it gives the minibatch CKA of
+    :func:`minibatch_cka` (each sample's tokens one minibatch).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x, y = rng.standard_normal((2, 9, 4))
+    >>> h = hsic_matrix(np.stack([x @ x.T, y @ y.T]))
+    >>> bool(np.isclose(h[0, 1], debiased_hsic(x, y)) and np.isclose(h[1, 1], debiased_hsic(y, y)))
+    True
+    """
+    g = np.asarray(grams, dtype=np.float64)
+    n_layers, n = g.shape[0], g.shape[1]
+    if n < 4:
+        raise ValueError(f"unbiased HSIC needs n >= 4 rows, got {n}")
+    flat = g.reshape(n_layers, n * n)
+    r = np.diagonal(g, axis1=1, axis2=2)          # (L, n)
+    k1 = g.sum(axis=2) - r                         # row sums of K - diag(K)
+    sums = k1.sum(axis=1)
+    trace = flat @ flat.T - r @ r.T                # tr(K~_a K~_b)
+    return (trace + np.outer(sums, sums) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ k1.T)) / (n * (n - 3))
+
+
+def minibatch_cka(hsic_sum: np.ndarray) -> np.ndarray:
+    """Minibatch CKA (Nguyen et al. 2021) from HSIC matrices summed over minibatches: ``(L, L)``.
+
+    NaN where a diagonal term is not positive (no estimated variance).
+
+    Examples
+    --------
+    >>> minibatch_cka(np.array([[4.0, 2.0], [2.0, 1.0]])).tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
+    h = np.asarray(hsic_sum, dtype=np.float64)
+    diag = np.diagonal(h)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.sqrt(np.outer(diag, diag))
+        return np.where((diag[:, None] > 0) & (diag[None, :] > 0), h / scale, np.nan)
 
 
 def cka_matrix(stack: Sequence[np.ndarray] | np.ndarray, *, max_bytes: int = 256 << 20) -> np.ndarray:

@@ -10,13 +10,17 @@ of its samples and layers and for both modalities (visual tokens, question token
 - the massive-token mask (norm > k x the median norm of the sample's tokens at that layer);
 - per-sample effective rank (eigenvalues of the centred N x N Gram matrix) and ICC, with all
   tokens and without the massive ones (a row subset of the same Gram matrix);
-- the mean-pooled state (for the sample-paired CKA);
+- the mean-pooled state (for the sample-paired CKA of the two modalities);
+- the Gram matrix of a fixed subset of the sample's tokens of each modality (``cka_tokens`` of
+  them, the same tokens at every layer), from which the layer x layer map is the minibatch CKA
+  of Nguyen et al. (2021): one minibatch per sample, so each pair of layers compares the same
+  tokens, and the map needs neither all layers at once nor a d x d matrix per pair;
 - the streamed scatter of the tokens for the pooled effective rank, accumulated in its worker's
   memory: each worker holds one d x d accumulator per layer, modality and variant for the whole
   pass, and only those (not one per task) travel, to the worker that takes the eigenvalues.
 
-The client writes the per-sample values and the pooled states (a memory map in the output
-directory) as tasks finish, checks that every batch reached the pooled ranks exactly once (a
+The client writes the per-sample values, the pooled states and the token Gram matrices (memory
+maps in the scratch directory) as tasks finish, checks that every batch reached the pooled ranks exactly once (a
 worker lost mid-pass loses its accumulators: the layer group runs again), and computes the CKA
 maps at the end.  Layer groups are as large as ``memory_budget`` per worker allows.  Each
 finished group's results are saved in the scratch directory, so a pass that stops (a time
@@ -49,7 +53,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from analyze.metrics import (ROW_BUFFER_BYTES, Moments, RowAccumulator, cka_matrix, effective_rank_from_gram,
-                             icc_shifted, massive_mask)
+                             hsic_matrix, icc_shifted, massive_mask, minibatch_cka)
+from schemas.config import AnalysisConfig
 from schemas.errors import GapError
 
 log = logging.getLogger("gap.analyze")
@@ -58,8 +63,10 @@ MODALITIES = ("visual", "text")
 VARIANTS = ("all", "nomassive")
 MODALITY_CODES = {0: "visual", 1: "text", 2: "other"}
 
-__all__ = ["Batch", "GeometryResult", "MODALITIES", "geometry", "open_client", "plan_batches",
-           "sample_layer_geometry"]
+__all__ = ["Batch", "GeometryResult", "MODALITIES", "cka_token_subset", "geometry", "open_client",
+           "plan_batches", "sample_layer_geometry"]
+
+CKA_TOKENS = AnalysisConfig().cka_tokens  # per sample and modality in the layer x layer CKA
 
 
 # ------------------------------------------------------------------------------ planning
@@ -155,10 +162,25 @@ class SampleGeometry:
     massive: np.ndarray     # indices (within the sample) of massive tokens
     ratio: np.ndarray       # their norm / median norm
     modality: np.ndarray    # their modality code (0 visual, 1 text, 2 other)
+    cka_gram: np.ndarray    # (2, K, K) Gram matrix of the CKA tokens (zero-padded past their count)
+    cka_heavy: np.ndarray   # (2, K) which of the CKA tokens are massive here
+
+
+def cka_token_subset(n_tokens: int, k: int, sample: int) -> np.ndarray:
+    """Which of a sample's ``n_tokens`` tokens of one modality enter the layer x layer CKA:
+    all when there are at most ``k``, else ``k`` of them fixed by the sample's position.
+
+    >>> cka_token_subset(3, 64, 7).tolist(), len(cka_token_subset(600, 64, 7))
+    ([0, 1, 2], 64)
+    """
+    if n_tokens <= k:
+        return np.arange(n_tokens)
+    return np.sort(np.random.default_rng([sample, n_tokens]).choice(n_tokens, size=k, replace=False))
 
 
 def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k: float,
-                          pools: Sequence[tuple[RowAccumulator, RowAccumulator]] | None = None
+                          pools: Sequence[tuple[RowAccumulator, RowAccumulator]] | None = None,
+                          cka_rows: Sequence[np.ndarray] | None = None, cka_tokens: int = CKA_TOKENS
                           ) -> SampleGeometry:
     """Every per-sample geometry number of one sample at one layer.
 
@@ -169,6 +191,8 @@ def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k
     k : massive-activation ratio to the median norm of all the sample's tokens
     pools : per modality, the (kept tokens, massive tokens) accumulators of the pooled effective
         rank, which receive this sample's tokens; throw-away ones when not given
+    cka_rows : per modality, which of its tokens enter the layer x layer CKA (at most
+        ``cka_tokens``; :func:`cka_token_subset`, default the first ``cka_tokens``)
 
     Examples
     --------
@@ -187,12 +211,20 @@ def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k
     out = SampleGeometry(np.full((2, 2), np.nan), np.full((2, 2), np.nan), np.zeros((2, 2), np.int64),
                          np.full((2, 2, d), np.nan, np.float32), np.flatnonzero(massive),
                          norms[massive] / median if median > 0 else np.full(int(massive.sum()), np.inf),
-                         np.where(visual[massive], 0, np.where(text[massive], 1, 2)))
+                         np.where(visual[massive], 0, np.where(text[massive], 1, 2)),
+                         np.zeros((2, cka_tokens, cka_tokens), np.float32), np.zeros((2, cka_tokens), bool))
     for m, mask in enumerate((visual, text)):
         rows, heavy, row_norms = _rows(x, mask), massive[mask], norms[mask]
         kept_pool, heavy_pool = pools[m]
         if rows.shape[0] == 0:
             continue
+        chosen = np.arange(min(rows.shape[0], cka_tokens)) if cka_rows is None else cka_rows[m]
+        sub, sub_heavy = rows[chosen].astype(np.float64), heavy[chosen]
+        # HSIC does not see a shift: centring only keeps the stored float32 Gram precise, on the
+        # ordinary tokens (a massive one in the mean would offset them all by a huge vector)
+        sub -= sub[~sub_heavy].mean(axis=0) if not sub_heavy.all() else sub.mean(axis=0)
+        c = chosen.size
+        out.cka_gram[m, :c, :c], out.cka_heavy[m, :c] = sub @ sub.T, sub_heavy
         out.n_tokens[m] = rows.shape[0], rows.shape[0] - int(heavy.sum())
         if not heavy.any():
             # The usual case: the rows are centred once, into the pooled accumulator's buffer,
@@ -237,10 +269,13 @@ class GeometryPartial:
     n_tokens: np.ndarray    # (n_b, Lg, 2, 2)
     pooled: np.ndarray      # (n_b, Lg, 2, 2, d) float32
     massive: np.ndarray     # (m, 5): sample, token (in view), layer position, modality, ratio
+    cka_gram: np.ndarray    # (n_b, 2, Lg, K, K) float32
+    cka_heavy: np.ndarray   # (n_b, 2, Lg, K)
 
 
 def geometry_task(parts: list[list[np.ndarray]], batch: Batch, batch_id: int, layer_start: int,
-                  visual: np.ndarray, text: np.ndarray, k: float, pass_key: str) -> GeometryPartial:
+                  visual: np.ndarray, text: np.ndarray, k: float, pass_key: str,
+                  cka_tokens: int = CKA_TOKENS) -> GeometryPartial:
     """Run :func:`sample_layer_geometry` over a batch; ``parts[layer_chunk][token_chunk]``.
 
     The batch's tokens go into this worker's pooled accumulators for ``pass_key``, which
@@ -254,16 +289,22 @@ def geometry_task(parts: list[list[np.ndarray]], batch: Batch, batch_id: int, la
     n_b, n_layers, d = len(batch.samples), block.shape[0], block.shape[2]
     res = GeometryPartial(batch.samples, np.full((n_b, n_layers, 2, 2), np.nan),
                           np.full((n_b, n_layers, 2, 2), np.nan), np.zeros((n_b, n_layers, 2, 2), np.int64),
-                          np.full((n_b, n_layers, 2, 2, d), np.nan, np.float32), np.zeros((0, 5)))
+                          np.full((n_b, n_layers, 2, 2, d), np.nan, np.float32), np.zeros((0, 5)),
+                          np.zeros((n_b, 2, n_layers, cka_tokens, cka_tokens), np.float32),
+                          np.zeros((n_b, 2, n_layers, cka_tokens), bool))
+    # the same tokens at every layer: chosen once per sample
+    cka_rows = [[cka_token_subset(int(mask[a:b].sum()), cka_tokens, int(sample)) for mask in (visual, text)]
+                for sample, (a, b) in zip(batch.samples, bounds)]
     state = _worker_pools(pass_key)
     massive = []
     for li in range(n_layers):
         pools = state.pools.setdefault(layer_start + li, [(RowAccumulator(d), RowAccumulator(d))
                                                           for _ in range(2)])
         for si, (a, b) in enumerate(bounds):
-            g = sample_layer_geometry(block[li, a:b], visual[a:b], text[a:b], k, pools)
+            g = sample_layer_geometry(block[li, a:b], visual[a:b], text[a:b], k, pools, cka_rows[si], cka_tokens)
             res.er[si, li], res.icc[si, li], res.n_tokens[si, li], res.pooled[si, li] = \
                 g.er, g.icc, g.n_tokens, g.pooled
+            res.cka_gram[si, :, li], res.cka_heavy[si, :, li] = g.cka_gram, g.cka_heavy
             if g.massive.size:
                 massive.append(np.column_stack([np.full(g.massive.size, batch.samples[si]),
                                                 batch.offset + lo + a + g.massive,
@@ -388,19 +429,6 @@ class GeometryResult:
     seconds: dict[str, float] = field(default_factory=dict)  # pass / pooled_eig / cka wall times
 
 
-class _PooledStates(Sequence):
-    """Lazy per-layer view ``(rows, d)`` of the memory-mapped pooled states of one modality/variant."""
-
-    def __init__(self, mm: np.ndarray, modality: int, variant: int, rows: np.ndarray):
-        self.mm, self.m, self.v, self.rows = mm, modality, variant, rows
-
-    def __len__(self) -> int:
-        return self.mm.shape[0]
-
-    def __getitem__(self, layer: int) -> np.ndarray:  # type: ignore[override]
-        return np.asarray(self.mm[layer, self.m, self.v][self.rows])
-
-
 def _hidden_array(hidden: Any):
     import dask.array as da
 
@@ -412,7 +440,7 @@ def _hidden_array(hidden: Any):
 
 def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_text: np.ndarray,
              ok: np.ndarray, *, client: Any, scratch: str | Path, massive_k: float = 100.0,
-             memory_budget: int = 256 << 20, progress: bool = True) -> GeometryResult:
+             memory_budget: int = 256 << 20, cka_tokens: int = CKA_TOKENS, progress: bool = True) -> GeometryResult:
     """All geometry metrics of a run in one read of its activations.
 
     Parameters
@@ -427,6 +455,8 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     massive_k : a token is massive when its norm exceeds ``massive_k`` x the sample-layer median
     memory_budget : bytes per worker for its pooled accumulators and in-flight chunks; sets how
         many layers a pass holds
+    cka_tokens : tokens per sample and modality in the layer x layer CKA (:func:`cka_token_subset`);
+        the scratch directory holds their Gram matrices, ``n x 2 x L x cka_tokens^2`` float32
 
     Examples
     --------
@@ -458,11 +488,16 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     chunk_grid = data.to_delayed(optimize_graph=True)[:, :, 0]  # (layer chunk, token chunk)
 
     scratch = Path(scratch)
-    resuming = _open_scratch(scratch, _fingerprint(data, layer_values, groups, massive_k, token_sample, ok,
-                                                   visual, text))
+    resuming = _open_scratch(scratch, _fingerprint(data, layer_values, groups, [massive_k, cka_tokens],
+                                                   token_sample, ok, visual, text))
     # Entries of samples without tokens of a modality stay 0 and are never read (see _cka).
-    pooled = np.lib.format.open_memmap(scratch / "pooled.npy", mode="r+" if resuming else "w+",
-                                       dtype=np.float32, shape=(n_layers, 2, 2, n, d))
+    mode = "r+" if resuming else "w+"
+    pooled = np.lib.format.open_memmap(scratch / "pooled.npy", mode=mode, dtype=np.float32,
+                                       shape=(n_layers, 2, 2, n, d))
+    grams = _TokenGrams(np.lib.format.open_memmap(scratch / "cka_gram.npy", mode=mode, dtype=np.float32,
+                                                  shape=(n, 2, n_layers, cka_tokens, cka_tokens)),
+                        np.lib.format.open_memmap(scratch / "cka_heavy.npy", mode=mode, dtype=bool,
+                                                  shape=(n, 2, n_layers, cka_tokens)))
     shape = (n, n_layers, 2, 2)
     out = GeometryResult(layer_values, np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, np.int64),
                          np.full((n_layers, 2, 2), np.nan), np.zeros((n_layers, 2, 2), np.int64),
@@ -483,8 +518,8 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
                 massive.append(_load_group(path, out, slice(la, lb)))
                 bar.update(len(batches))
                 continue
-            group = _GroupPass(client, chunk_grid[ga:gb], d, batches, visual, text, massive_k, pooled, out,
-                               la, lb, bar)
+            group = _GroupPass(client, chunk_grid[ga:gb], d, batches, visual, text, massive_k, pooled, grams,
+                               out, la, lb, bar)
             for attempt in range(2):
                 if group.run(f"{prefix}-{ga}-{attempt}"):
                     break
@@ -495,15 +530,16 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
                                "failing during the geometry pass; see the Dask worker logs")
             group_massive = np.concatenate(group.massive) if group.massive else np.zeros((0, 5))
             pooled.flush()  # the group's pooled states are on disk before its results say it is done
+            grams.flush()
             _save_group(path, out, slice(la, lb), group_massive)
             massive.append(group_massive)
         started = time.perf_counter()
-        out.cka_modality, out.cka_layers, out.n_cka = _cka(pooled, out.n_tokens)
+        out.cka_modality, out.cka_layers, out.n_cka = _cka(pooled, grams, out.n_tokens)
         out.seconds["cka"] = time.perf_counter() - started
         completed = True
     finally:
         bar.close()
-        del pooled
+        del pooled, grams
         client.run(_drop_pools, prefix, on_error="ignore")  # a lost worker must not hide the first error
         if completed:  # otherwise the next pass over the same samples resumes from here
             shutil.rmtree(scratch, ignore_errors=True)
@@ -511,14 +547,14 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     return out
 
 
-def _fingerprint(data: Any, layer_values: np.ndarray, groups: list[tuple[int, int]], massive_k: float,
+def _fingerprint(data: Any, layer_values: np.ndarray, groups: list[tuple[int, int]], parameters: list[float],
                  *token_arrays: np.ndarray) -> str:
     """What a stopped pass's saved groups depend on: the samples, their tokens and the plan."""
     import hashlib
     import json
 
     digest = hashlib.sha256(json.dumps([list(data.shape), list(data.chunks[0]), np.asarray(layer_values).tolist(),
-                                        groups, massive_k]).encode())
+                                        groups, parameters]).encode())
     for array in token_arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
@@ -555,10 +591,10 @@ class _GroupPass:
     """One pass over the tokens for the layers ``[la, lb)``: tasks, then the pooled ranks."""
 
     def __init__(self, client: Any, chunks: np.ndarray, dim: int, batches: list[Batch], visual: np.ndarray,
-                 text: np.ndarray, massive_k: float, pooled: np.ndarray, out: GeometryResult, la: int, lb: int,
-                 bar: Any) -> None:
+                 text: np.ndarray, massive_k: float, pooled: np.ndarray, grams: "_TokenGrams", out: GeometryResult,
+                 la: int, lb: int, bar: Any) -> None:
         self.client, self.batches, self.visual, self.text, self.k = client, batches, visual, text, massive_k
-        self.pooled, self.out, self.la, self.lb, self.bar = pooled, out, la, lb, bar
+        self.pooled, self.grams, self.out, self.la, self.lb, self.bar = pooled, grams, out, la, lb, bar
         self.chunks, self.dim = chunks, dim  # the group's delayed chunks (layer chunk, token chunk)
         self.massive: list[np.ndarray] = []
 
@@ -573,7 +609,7 @@ class _GroupPass:
             parts = [list(row[batch.chunk_lo:batch.chunk_hi + 1]) for row in self.chunks]
             span = slice(batch.offset, batch.offset + int(batch.bounds[:, 1].max()))
             tasks.append(delayed(geometry_task)(parts, batch, i, self.la, self.visual[span], self.text[span],
-                                                self.k, key))
+                                                self.k, key, self.grams.tokens))
         self.massive = []
         started = time.perf_counter()
         for future in as_completed(client.compute(tasks)):
@@ -582,6 +618,7 @@ class _GroupPass:
             rows = part.samples
             out.er_sample[rows, lsl], out.icc[rows, lsl], out.n_tokens[rows, lsl] = part.er, part.icc, part.n_tokens
             self.pooled[lsl, :, :, rows] = np.moveaxis(part.pooled, 0, 3)
+            self.grams.gram[rows, :, lsl], self.grams.heavy[rows, :, lsl] = part.cka_gram, part.cka_heavy
             if part.massive.size:
                 self.massive.append(part.massive)
             self.bar.update(1)
@@ -605,11 +642,26 @@ class _GroupPass:
         return complete
 
 
-def _cka(pooled: np.ndarray, ntok: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Sample-paired CKA: visual vs text per layer, and layer x layer per modality."""
+@dataclass
+class _TokenGrams:
+    """Memory maps of the CKA tokens' Gram matrices ``(n, 2, L, K, K)`` and massive flags."""
+
+    gram: np.ndarray
+    heavy: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return self.gram.shape[-1]
+
+    def flush(self) -> None:
+        self.gram.flush()
+        self.heavy.flush()
+
+
+def _cka(pooled: np.ndarray, grams: _TokenGrams, ntok: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """CKA: sample-paired visual vs text per layer; layer x layer per modality (same tokens)."""
     n_layers = pooled.shape[0]
     cka_mod = np.full((n_layers, 2), np.nan)
-    cka_lay = np.full((2, 2, n_layers, n_layers), np.nan)
     n_cka: dict[str, int] = {}
     # Rows: samples with tokens of the modality at every layer (paired rows throughout).
     complete = [[np.flatnonzero((ntok[:, :, m, v] > 0).all(axis=1)) for v in range(2)] for m in range(2)]
@@ -620,11 +672,33 @@ def _cka(pooled: np.ndarray, ntok: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
             x = np.asarray(pooled[layer, 0, v][both])
             y = np.asarray(pooled[layer, 1, v][both])
             cka_mod[layer, v] = cka_matrix([x, y])[0, 1]
-        for m, modality in enumerate(MODALITIES):
-            rows = complete[m][v]
-            n_cka[f"layers_{modality}_{variant}"] = int(rows.size)
-            cka_lay[m, v] = cka_matrix(_PooledStates(pooled, m, v, rows))
+    cka_lay, used = _layer_cka(grams, ntok[:, 0, :, 0])
+    for m, modality in enumerate(MODALITIES):
+        for v, variant in enumerate(VARIANTS):
+            n_cka[f"layers_{modality}_{variant}"] = used[m, v]
     return cka_mod, cka_lay, n_cka
+
+
+def _layer_cka(grams: _TokenGrams, n_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minibatch CKA per modality and variant ``(2, 2, L, L)``, each sample's CKA tokens one
+    minibatch, and how many samples entered each.  ``n_tokens`` ``(n, 2)``: the samples' tokens
+    per modality.  Without massive tokens, a token massive at any layer is left out at all of
+    them (the same tokens throughout); a minibatch needs 4 tokens."""
+    n, _, n_layers, k, _ = grams.gram.shape
+    total = np.zeros((2, 2, n_layers, n_layers))
+    used = np.zeros((2, 2), np.int64)
+    for s in range(n):
+        for m in range(2):
+            c = min(int(n_tokens[s, m]), k)
+            if c < 4:
+                continue
+            gram = np.asarray(grams.gram[s, m, :, :c, :c], dtype=np.float64)
+            keep = ~np.asarray(grams.heavy[s, m, :, :c]).any(axis=0)
+            for v, rows in enumerate((np.ones(c, bool), keep)):
+                if rows.sum() >= 4:
+                    total[m, v] += hsic_matrix(gram if rows.all() else gram[:, rows][:, :, rows])
+                    used[m, v] += 1
+    return np.array([[minibatch_cka(total[m, v]) for v in range(2)] for m in range(2)]), used
 
 
 def _progress(total: int, enabled: bool):

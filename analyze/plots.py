@@ -165,7 +165,8 @@ def cka_layers(ds: Any, out: Path) -> list[Path]:
             ax.set(title=f"{modality}{' (no massive)' if suffix else ''}, n={n}", xlabel="layer",
                    ylabel="layer")
             fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle("Debiased CKA between layers (rows: samples' mean-pooled states)")
+    fig.suptitle(f"Minibatch CKA between layers (the same {ds.attrs.get('cka_tokens', '?')} tokens per "
+                 "sample at both; n = samples)")
     return _save(fig, out, "cka_layers")
 
 

@@ -153,7 +153,7 @@ def truncation_variables(run: Any, ok: np.ndarray, subsets: np.ndarray, cfg: Ana
     return (variables, coords, attrs), subsets
 
 
-def geometry_variables(geo: Any, massive_k: float) -> Part:
+def geometry_variables(geo: Any, cfg: AnalysisConfig) -> Part:
     """Geometry under CONTRACT names, each also ``*_nomassive`` (massive tokens left out)."""
     from analyze.pipeline import MODALITIES, MODALITY_CODES
 
@@ -179,7 +179,8 @@ def geometry_variables(geo: Any, massive_k: float) -> Part:
         "massive_ratio": (("massive",), m[:, 4]),
     })
     coords = {"layer": geo.layers, "layer2": geo.layers, "modality": list(MODALITIES)}
-    attrs = {"massive_k": float(massive_k), **{f"cka_n_{k}": int(v) for k, v in geo.n_cka.items()}}
+    attrs = {"massive_k": float(cfg.massive_k), "cka_tokens": int(cfg.cka_tokens),
+             **{f"cka_n_{k}": int(v) for k, v in geo.n_cka.items()}}
     return variables, coords, attrs
 
 
@@ -198,7 +199,7 @@ def build(run: Any, cfg: AnalysisConfig | None = None, geo: Any = None, *, relab
     ok = ok_mask(run)
     (t_vars, t_coords, t_attrs), subsets = truncation_variables(run, ok, stored_subsets(run, ok), cfg, relabel)
     c_vars, c_coords, c_attrs = causal_variables(run, ok, subsets, cfg)
-    g_vars, g_coords, g_attrs = geometry_variables(geo, cfg.massive_k) if geo is not None else ({}, {}, {})
+    g_vars, g_coords, g_attrs = geometry_variables(geo, cfg) if geo is not None else ({}, {}, {})
     n = int(ok.size)
     base: dict[str, Any] = {
         "sample_subset": (("sample",), np.asarray(run["subset"].values).astype(object) if "subset" in run

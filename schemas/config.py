@@ -137,6 +137,7 @@ class AnalysisConfig(Strict):
     tau_ratio: Union[float, None] = None  # adaptive tau = ratio * mean D(0) when set
     cliff_method: Literal["median_evd", "gradient", "threshold_crossing"] = "median_evd"
     massive_k: float = 100.0  # tokens with norm > k x layer median are "massive"
+    cka_tokens: int = Field(default=64, ge=4)  # per sample and modality in the layer x layer CKA
     bootstrap: int = Field(default=1000, ge=10)
     seed: int = 0
     cp1_hard_drop_go: float = 0.05

@@ -40,3 +40,14 @@ def ref_hsic(x: np.ndarray, y: np.ndarray) -> float:
 
 def ref_cka(x: np.ndarray, y: np.ndarray) -> float:
     return ref_hsic(x, y) / np.sqrt(ref_hsic(x, x) * ref_hsic(y, y))
+
+
+def ref_minibatch_cka(batches: list[list[np.ndarray]]) -> np.ndarray:
+    """Nguyen et al. (2021): HSIC summed over minibatches, then normalised.
+
+    ``batches[i][layer]`` is minibatch i's rows at that layer (the same rows at every layer).
+    """
+    n_layers = len(batches[0])
+    h = np.array([[sum(ref_hsic(b[a], b[c]) for b in batches) for c in range(n_layers)]
+                  for a in range(n_layers)])
+    return h / np.sqrt(np.outer(np.diag(h), np.diag(h)))

@@ -7,7 +7,7 @@ import pytest
 
 from analysis_fixtures import make_run
 from analyze.pipeline import geometry, open_client, plan_batches, plan_layer_groups, sample_runs
-from reference_metrics import ref_cka, ref_effective_rank, ref_icc
+from reference_metrics import ref_cka, ref_effective_rank, ref_icc, ref_minibatch_cka
 from store import open_run
 
 
@@ -92,12 +92,46 @@ def test_cka_matches_gram_matrix_reference(run, geo):
         x = np.stack([truth.hidden[i][li][truth.visual[i]].astype(np.float64).mean(0) for i in idx])
         y = np.stack([truth.hidden[i][li][truth.text[i]].astype(np.float64).mean(0) for i in idx])
         assert geo.cka_modality[li, 0] == pytest.approx(ref_cka(x, y), rel=1e-4)
-    stack = [np.stack([truth.hidden[i][li][truth.text[i]].astype(np.float64).mean(0) for i in idx])
-             for li in range(4)]
-    for a in range(4):
-        for b in range(4):
-            assert geo.cka_layers[1, 0, a, b] == pytest.approx(ref_cka(stack[a], stack[b]), rel=1e-4)
     assert geo.n_cka["modality_all"] == len(idx)
+
+
+def _layer_cka_reference(truth, modality: str, k: int, no_massive: bool = False) -> tuple[np.ndarray, int]:
+    """Minibatch CKA from the raw states: each sample's chosen tokens of the modality, the same
+    at every layer (without the massive variant: those massive at any layer left out)."""
+    from analyze.pipeline import cka_token_subset
+
+    batches = []
+    for pos in sorted(truth.hidden):  # no failed sample before an ok one changes positions here
+        h = truth.hidden[pos].astype(np.float64)
+        rows = np.flatnonzero(getattr(truth, modality)[pos])
+        rows = rows[cka_token_subset(rows.size, k, pos)]
+        if no_massive:
+            rows = rows[~np.any([_massive(h[li])[rows] for li in range(4)], axis=0)]
+        if rows.size >= 4:
+            batches.append([h[li][rows] for li in range(4)])
+    return ref_minibatch_cka(batches), len(batches)
+
+
+def test_layer_cka_is_the_minibatch_cka_of_the_same_tokens(run, geo):
+    _, truth = run
+    for m, modality in enumerate(("visual", "text")):
+        for v in range(2):
+            expected, n = _layer_cka_reference(truth, modality, 64, no_massive=bool(v))
+            np.testing.assert_allclose(geo.cka_layers[m, v], expected, rtol=1e-4)  # float32 Grams
+            assert geo.n_cka[f"layers_{modality}_{('all', 'nomassive')[v]}"] == n
+    # sample 3's massive visual token (layer 2 only) is out of its minibatch at every layer
+    assert not np.allclose(geo.cka_layers[0, 0], geo.cka_layers[0, 1])
+
+
+def test_layer_cka_of_a_token_subset(run, client, tmp_path):
+    path, truth = run
+    ds = open_run(path, chunks=32)
+    ok = ds.status.values.astype(str) == "ok"
+    small = geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                     client=client, scratch=tmp_path / "s", cka_tokens=5, progress=False)
+    expected, n = _layer_cka_reference(truth, "visual", 5)
+    np.testing.assert_allclose(small.cka_layers[0, 0], expected, rtol=1e-4)
+    assert n == len(truth.hidden)  # 6..12 visual tokens each: 5 of them from every sample
 
 
 def test_task_size_does_not_change_results(run, client, geo, tmp_path):
