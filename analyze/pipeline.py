@@ -52,9 +52,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from analyze.cka_maps import CKA_TOKENS, TokenGrams, cka_token_subset, layer_cka
 from analyze.metrics import (ROW_BUFFER_BYTES, Moments, RowAccumulator, cka_matrix, effective_rank_from_gram,
-                             hsic_matrix, icc_shifted, massive_mask, minibatch_cka)
-from schemas.config import AnalysisConfig
+                             icc_shifted, massive_mask)
 from schemas.errors import GapError
 
 log = logging.getLogger("gap.analyze")
@@ -63,10 +63,9 @@ MODALITIES = ("visual", "text")
 VARIANTS = ("all", "nomassive")
 MODALITY_CODES = {0: "visual", 1: "text", 2: "other"}
 
-__all__ = ["Batch", "GeometryResult", "MODALITIES", "cka_token_subset", "geometry", "open_client",
-           "plan_batches", "sample_layer_geometry"]
+__all__ = ["Batch", "GeometryResult", "MODALITIES", "geometry", "open_client", "plan_batches",
+           "sample_layer_geometry"]
 
-CKA_TOKENS = AnalysisConfig().cka_tokens  # per sample and modality in the layer x layer CKA
 
 
 # ------------------------------------------------------------------------------ planning
@@ -164,18 +163,6 @@ class SampleGeometry:
     modality: np.ndarray    # their modality code (0 visual, 1 text, 2 other)
     cka_gram: np.ndarray    # (2, K, K) Gram matrix of the CKA tokens (zero-padded past their count)
     cka_heavy: np.ndarray   # (2, K) which of the CKA tokens are massive here
-
-
-def cka_token_subset(n_tokens: int, k: int, sample: int) -> np.ndarray:
-    """Which of a sample's ``n_tokens`` tokens of one modality enter the layer x layer CKA:
-    all when there are at most ``k``, else ``k`` of them fixed by the sample's position.
-
-    >>> cka_token_subset(3, 64, 7).tolist(), len(cka_token_subset(600, 64, 7))
-    ([0, 1, 2], 64)
-    """
-    if n_tokens <= k:
-        return np.arange(n_tokens)
-    return np.sort(np.random.default_rng([sample, n_tokens]).choice(n_tokens, size=k, replace=False))
 
 
 def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k: float,
@@ -494,10 +481,7 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     mode = "r+" if resuming else "w+"
     pooled = np.lib.format.open_memmap(scratch / "pooled.npy", mode=mode, dtype=np.float32,
                                        shape=(n_layers, 2, 2, n, d))
-    grams = _TokenGrams(np.lib.format.open_memmap(scratch / "cka_gram.npy", mode=mode, dtype=np.float32,
-                                                  shape=(n, 2, n_layers, cka_tokens, cka_tokens)),
-                        np.lib.format.open_memmap(scratch / "cka_heavy.npy", mode=mode, dtype=bool,
-                                                  shape=(n, 2, n_layers, cka_tokens)))
+    grams = TokenGrams.open(scratch, mode, n, n_layers, cka_tokens)
     shape = (n, n_layers, 2, 2)
     out = GeometryResult(layer_values, np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, np.int64),
                          np.full((n_layers, 2, 2), np.nan), np.zeros((n_layers, 2, 2), np.int64),
@@ -591,7 +575,7 @@ class _GroupPass:
     """One pass over the tokens for the layers ``[la, lb)``: tasks, then the pooled ranks."""
 
     def __init__(self, client: Any, chunks: np.ndarray, dim: int, batches: list[Batch], visual: np.ndarray,
-                 text: np.ndarray, massive_k: float, pooled: np.ndarray, grams: "_TokenGrams", out: GeometryResult,
+                 text: np.ndarray, massive_k: float, pooled: np.ndarray, grams: TokenGrams, out: GeometryResult,
                  la: int, lb: int, bar: Any) -> None:
         self.client, self.batches, self.visual, self.text, self.k = client, batches, visual, text, massive_k
         self.pooled, self.grams, self.out, self.la, self.lb, self.bar = pooled, grams, out, la, lb, bar
@@ -642,23 +626,7 @@ class _GroupPass:
         return complete
 
 
-@dataclass
-class _TokenGrams:
-    """Memory maps of the CKA tokens' Gram matrices ``(n, 2, L, K, K)`` and massive flags."""
-
-    gram: np.ndarray
-    heavy: np.ndarray
-
-    @property
-    def tokens(self) -> int:
-        return self.gram.shape[-1]
-
-    def flush(self) -> None:
-        self.gram.flush()
-        self.heavy.flush()
-
-
-def _cka(pooled: np.ndarray, grams: _TokenGrams, ntok: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+def _cka(pooled: np.ndarray, grams: TokenGrams, ntok: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """CKA: sample-paired visual vs text per layer; layer x layer per modality (same tokens)."""
     n_layers = pooled.shape[0]
     cka_mod = np.full((n_layers, 2), np.nan)
@@ -672,33 +640,11 @@ def _cka(pooled: np.ndarray, grams: _TokenGrams, ntok: np.ndarray) -> tuple[np.n
             x = np.asarray(pooled[layer, 0, v][both])
             y = np.asarray(pooled[layer, 1, v][both])
             cka_mod[layer, v] = cka_matrix([x, y])[0, 1]
-    cka_lay, used = _layer_cka(grams, ntok[:, 0, :, 0])
+    cka_lay, used = layer_cka(grams, ntok[:, 0, :, 0])
     for m, modality in enumerate(MODALITIES):
         for v, variant in enumerate(VARIANTS):
             n_cka[f"layers_{modality}_{variant}"] = used[m, v]
     return cka_mod, cka_lay, n_cka
-
-
-def _layer_cka(grams: _TokenGrams, n_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Minibatch CKA per modality and variant ``(2, 2, L, L)``, each sample's CKA tokens one
-    minibatch, and how many samples entered each.  ``n_tokens`` ``(n, 2)``: the samples' tokens
-    per modality.  Without massive tokens, a token massive at any layer is left out at all of
-    them (the same tokens throughout); a minibatch needs 4 tokens."""
-    n, _, n_layers, k, _ = grams.gram.shape
-    total = np.zeros((2, 2, n_layers, n_layers))
-    used = np.zeros((2, 2), np.int64)
-    for s in range(n):
-        for m in range(2):
-            c = min(int(n_tokens[s, m]), k)
-            if c < 4:
-                continue
-            gram = np.asarray(grams.gram[s, m, :, :c, :c], dtype=np.float64)
-            keep = ~np.asarray(grams.heavy[s, m, :, :c]).any(axis=0)
-            for v, rows in enumerate((np.ones(c, bool), keep)):
-                if rows.sum() >= 4:
-                    total[m, v] += hsic_matrix(gram if rows.all() else gram[:, rows][:, :, rows])
-                    used[m, v] += 1
-    return np.array([[minibatch_cka(total[m, v]) for v in range(2)] for m in range(2)]), used
 
 
 def _progress(total: int, enabled: bool):

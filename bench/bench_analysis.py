@@ -151,7 +151,7 @@ def baseline_cka(pooled: np.ndarray, tokens: list[list[np.ndarray]], masks: tupl
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Modality CKA per layer from ``pooled`` (n, L, modality, d), and the visual/text layer maps
     as minibatch CKA over each sample's CKA tokens (``tokens[sample][layer]``, all tokens kept)."""
-    from analyze.pipeline import CKA_TOKENS, cka_token_subset
+    from analyze.cka_maps import CKA_TOKENS, cka_token_subset
 
     n_layers = pooled.shape[1]
     mod = np.array([_cka_gram(pooled[:, i, 0], pooled[:, i, 1]) for i in range(n_layers)])

@@ -98,7 +98,7 @@ def test_cka_matches_gram_matrix_reference(run, geo):
 def _layer_cka_reference(truth, modality: str, k: int, no_massive: bool = False) -> tuple[np.ndarray, int]:
     """Minibatch CKA from the raw states: each sample's chosen tokens of the modality, the same
     at every layer (without the massive variant: those massive at any layer left out)."""
-    from analyze.pipeline import cka_token_subset
+    from analyze.cka_maps import cka_token_subset
 
     batches = []
     for pos in sorted(truth.hidden):  # no failed sample before an ok one changes positions here
