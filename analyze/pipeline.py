@@ -547,7 +547,8 @@ def _fingerprint(data: Any, layer_values: np.ndarray, groups: list[tuple[int, in
 def _open_scratch(scratch: Path, fingerprint: str) -> bool:
     """True when ``scratch`` holds a stopped pass over the same samples; else make it empty."""
     stamp = scratch / "fingerprint"
-    if stamp.exists() and stamp.read_text() == fingerprint and (scratch / "pooled.npy").exists():
+    maps = ("pooled.npy", "cka_gram.npy", "cka_heavy.npy")  # a kill may come between their creations
+    if stamp.exists() and stamp.read_text() == fingerprint and all((scratch / m).exists() for m in maps):
         return True
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -643,7 +644,7 @@ def _cka(pooled: np.ndarray, grams: TokenGrams, ntok: np.ndarray) -> tuple[np.nd
     cka_lay, used = layer_cka(grams, ntok[:, 0, :, 0])
     for m, modality in enumerate(MODALITIES):
         for v, variant in enumerate(VARIANTS):
-            n_cka[f"layers_{modality}_{variant}"] = used[m, v]
+            n_cka[f"layers_{modality}_{variant}"] = int(used[m, v])
     return cka_mod, cka_lay, n_cka
 
 

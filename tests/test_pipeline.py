@@ -291,3 +291,17 @@ def test_a_stopped_pass_resumes_from_its_finished_layer_groups(run, client, geo,
     monkeypatch.setattr(pipeline._GroupPass, "run", lambda self, key: ran.append(self.la) or original(self, key))
     geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, fewer, **args(tmp_path / "t"))
     assert ran == [0, 1, 2, 3]
+
+    # A scratch missing one of its memory maps (killed while creating them) starts afresh.
+    monkeypatch.setattr(pipeline._GroupPass, "run", stopping_after_two)
+    ran.clear()
+    with pytest.raises(KeyboardInterrupt):
+        geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                 **args(tmp_path / "u"))
+    (tmp_path / "u" / "cka_heavy.npy").unlink()
+    ran.clear()
+    monkeypatch.setattr(pipeline._GroupPass, "run", lambda self, key: ran.append(self.la) or original(self, key))
+    again = geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+                     **args(tmp_path / "u"))
+    assert ran == [0, 1, 2, 3]
+    np.testing.assert_allclose(again.cka_layers, geo.cka_layers, rtol=1e-9)
