@@ -18,7 +18,7 @@ check against direct SVD / O(N^2) / Gram-matrix implementations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -374,11 +374,13 @@ def _hsic(cross: float, ra: np.ndarray, rb: np.ndarray, ka1: np.ndarray, kb1: np
 
         HSIC = [tr(K~L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2/(n-2) (K~1)'(L~1)] / (n (n - 3))
     """
-    n = ra.shape[0]
-    trace = cross - ra @ rb
-    sum_a, sum_b = ka1.sum(), kb1.sum()
-    return float((trace + sum_a * sum_b / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (ka1 @ kb1))
-                 / (n * (n - 3)))
+    return float(_hsic_from_terms(cross - ra @ rb, ka1.sum() * kb1.sum(), ka1 @ kb1, ra.shape[0]))
+
+
+def _hsic_from_terms(trace: Any, sums: Any, k1_dot: Any, n: int) -> Any:
+    """The HSIC formula above from ``tr(K~L~)``, ``(1'K~1)(1'L~1)`` and ``(K~1)'(L~1)`` (scalars,
+    or arrays of them for many pairs at once)."""
+    return (trace + sums / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * k1_dot) / (n * (n - 3))
 
 
 def _pieces(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -448,8 +450,7 @@ def hsic_matrix(grams: np.ndarray) -> np.ndarray:
     r = np.diagonal(g, axis1=1, axis2=2)          # (L, n)
     k1 = g.sum(axis=2) - r                         # row sums of K - diag(K)
     sums = k1.sum(axis=1)
-    trace = flat @ flat.T - r @ r.T                # tr(K~_a K~_b)
-    return (trace + np.outer(sums, sums) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ k1.T)) / (n * (n - 3))
+    return _hsic_from_terms(flat @ flat.T - r @ r.T, np.outer(sums, sums), k1 @ k1.T, n)
 
 
 def minibatch_cka(hsic_sum: np.ndarray) -> np.ndarray:

@@ -434,13 +434,12 @@ class CaptureRunner:
                                      getattr(item, "reason", _one_line(item)), status=STATUS_DATA)
             try:
                 return encode_sample(processor, image_token_id, item)
-            except GapError as exc:  # processor or template vs this text: retryable, counted
-                return failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
-                                     _one_line(exc), status=STATUS_ERROR, **_meta_fields(item))
-            # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only
+            # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only;
+            # a GapError (the processor or template against this text) is retryable, and counted
             except Exception as exc:  # noqa: BLE001
+                status = STATUS_ERROR if isinstance(exc, GapError) else STATUS_DATA
                 return failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
-                                     _one_line(exc), status=STATUS_DATA, **_meta_fields(item))
+                                     _one_line(exc), status=status, **_meta_fields(item))
 
         return encode
 

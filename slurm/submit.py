@@ -155,15 +155,20 @@ def write_plan(plan: Plan) -> None:
     old = os.umask(0o027)
     try:
         (plan.slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
-        files = {CONFIG_FILE: config_to_yaml(plan.config), **plan.scripts}
-        for name, text in files.items():
-            path = plan.slurm_dir / name
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.write_text(text)
-            tmp.chmod(0o640)
-            os.replace(tmp, path)
     finally:
         os.umask(old)
+    for name, text in {CONFIG_FILE: config_to_yaml(plan.config), **plan.scripts}.items():
+        _write_private(plan.slurm_dir / name, text)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` whole (readers see the old text or the new), group-readable, never world."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o640)  # a leftover temporary file keeps its own mode through O_TRUNC
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def sbatch(cmd: Sequence[str]) -> str:
@@ -222,13 +227,7 @@ def _record(plan: Plan, record: dict[str, object], replace_last: bool = False) -
     lines = path.read_text().splitlines(keepends=True) if path.exists() else []
     if replace_last:
         lines = lines[:-1]
-    tmp = path.with_name(f".{path.name}.tmp")
-    old = os.umask(0o027)
-    try:
-        tmp.write_text("".join(lines) + json.dumps(record) + "\n")
-        os.replace(tmp, path)  # readers see the old list or the new one
-    finally:
-        os.umask(old)
+    _write_private(path, "".join(lines) + json.dumps(record) + "\n")
 
 
 def describe(plan: Plan, record: dict[str, object]) -> str:
