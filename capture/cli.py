@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -146,17 +147,6 @@ def _store_line(n_bytes: int, elapsed: float, wait: float) -> str:
     return line
 
 
-def _shard_status(run: Path, shard: int, n_shards: int) -> dict[str, int]:
-    from store.reader import read_run
-
-    counts: dict[str, int] = {}
-    for part in read_run(run).parts:
-        if (part.shard, part.n_shards) == (shard, n_shards):
-            for s in part.samples:
-                counts[s["status"]] = counts.get(s["status"], 0) + 1
-    return counts
-
-
 def main(argv: list[str]) -> int:
     """Entry point of ``gap capture`` (see ``gap capture --help``)."""
     args = build_parser().parse_args(argv)
@@ -205,7 +195,7 @@ def main(argv: list[str]) -> int:
                                    donor_source=dataset)
             stats = runner.run(dataset.iter_indices(todo))
     elapsed = time.perf_counter() - t0
-    counts = _shard_status(out, shard, n_shards)
+    counts = Counter(writer.committed_status.values())  # this shard's latest status per sample
     bad = {k: v for k, v in counts.items() if k not in (STATUS_OK, STATUS_DATA)}
     print(f"gap capture: {stats.n_ok} ok, {stats.n_failed} failed this run "
           f"({', '.join(f'{k} {v}' for k, v in sorted(stats.failures.items())) or 'none'}); "

@@ -557,12 +557,16 @@ def test_retry_failed_recaptures_non_data_failures(tiny_checkpoint, tmp_path, mo
     monkeypatch.setattr(CaptureRunner, "_forward", oom_with_sample_2)
     run = tmp_path / "run"
     assert cli.main([str(config), "--out", str(run), "--no-progress"]) == 1
-    assert "--resume --retry-failed" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "--resume --retry-failed" in printed.err
+    assert "shard 0/1 holds 5 of 5 samples: ok 4, oom 1" in printed.out
     monkeypatch.setattr(CaptureRunner, "_forward", original)
     assert cli.main([str(config), "--out", str(run), "--resume", "--no-progress"]) == 1  # not retried
     assert "0 of 5 samples to do" in capsys.readouterr().out
     assert cli.main([str(config), "--out", str(run), "--resume", "--retry-failed", "--no-progress"]) == 0
-    assert "1 of 5 samples to do (1 failed ones again)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1 of 5 samples to do (1 failed ones again)" in printed
+    assert "shard 0/1 holds 5 of 5 samples: ok 5" in printed
     assert verify_run(run) == []
     assert (run_info(run)["ok"], run_info(run)["failed"]) == (5, 0)
     fresh = tmp_path / "fresh"
