@@ -102,13 +102,19 @@ def cliff_boundary(delta: np.ndarray, layers: Sequence[int], method: CliffMethod
                    evd: np.ndarray | None = None) -> float:
     """The population cliff layer by one of three methods.
 
-    - ``median_evd``: the lower median of the samples' EVD (an EVD that occurred; -1 when most
-      samples never reach tau).
+    All three name the same kind of layer, the *last* layer whose visual states still matter
+    (EVD's convention), so CP1 (truncating at the cliff) and CP3 (pre = layers <= cliff) mean
+    the same thing whichever method is configured:
+
+    - ``median_evd``: the median of the samples' EVD, an EVD that occurred (the lower median;
+      the upper one when the lower is -1 but only half the samples never reach tau, so -1,
+      "no cliff", needs a majority).
     - ``gradient``: the layer after which the mean delta curve drops the most per layer, i.e.
       ``l_i`` for the steepest ``(m(l_{i+1}) - m(l_i)) / (l_{i+1} - l_i)``; NaN when the curve
       never drops.
-    - ``threshold_crossing``: the first layer where the mean delta falls below ``tau`` after
-      being at or above it; NaN when it never crosses from above.
+    - ``threshold_crossing``: the captured layer just before the first layer where the mean
+      delta falls below ``tau`` after being at or above it (RESEARCH.md's "first layer where
+      mean D < tau" is the next captured layer); NaN when it never crosses from above.
 
     NaN when the method has nothing to go on (no samples, one layer, no drop, no crossing).
 
@@ -118,13 +124,20 @@ def cliff_boundary(delta: np.ndarray, layers: Sequence[int], method: CliffMethod
     >>> cliff_boundary(d, [0, 1, 2, 3, 4], "gradient", tau=0.3)
     1.0
     >>> cliff_boundary(d, [0, 1, 2, 3, 4], "threshold_crossing", tau=0.3)
-    3.0
+    2.0
+    >>> cliff_boundary(d, [0, 1, 2, 3, 4], "median_evd", tau=0.3, evd=np.array([-1, -1, 2, 3]))
+    2.0
     """
     d, lay = _as_matrix(delta, layers)
     if method == "median_evd":
         values = evd_threshold(d, lay, tau) if evd is None else np.asarray(evd, dtype=np.float64)
         values = values[np.isfinite(values)]
-        return float(np.quantile(values, 0.5, method="lower")) if values.size else float("nan")
+        if not values.size:
+            return float("nan")
+        median = float(np.quantile(values, 0.5, method="lower"))
+        if median < 0 and (values < 0).mean() <= 0.5:  # a tie between "no cliff" and a layer
+            median = float(np.quantile(values, 0.5, method="higher"))
+        return median
     curve = mean_curve(d)
     if method == "gradient":
         slope = np.diff(curve) / np.diff(lay)
@@ -135,7 +148,7 @@ def cliff_boundary(delta: np.ndarray, layers: Sequence[int], method: CliffMethod
         above = np.flatnonzero(curve >= tau)
         below = np.flatnonzero(curve < tau)
         below = below[below > above[0]] if above.size else below[:0]
-        return float(lay[below[0]]) if below.size else float("nan")
+        return float(lay[below[0] - 1]) if below.size else float("nan")
     raise ValueError(f"unknown cliff method {method!r}; choose from {', '.join(CLIFF_METHODS)}")
 
 
@@ -170,15 +183,21 @@ def transfer_point(delta_visual: np.ndarray, delta_text: np.ndarray,
     """First layer where ``|D_visual|`` falls below ``|D_text|`` (dual-channel tracing).
 
     1-D inputs (mean curves) give a float; 2-D inputs (samples x layers) give one value per
-    sample.  NaN where visual never falls below text.
+    sample.  Falling needs visual at or above text at some earlier layer: text ahead from the
+    first layer on is no transfer.  NaN where visual never falls below text.
 
     Examples
     --------
     >>> transfer_point(np.array([3.0, 2.0, 0.5]), np.array([1.0, 1.0, 1.0]), [0, 4, 8])
     8.0
+    >>> transfer_point(np.array([1.0, 3.0, 0.5]), np.array([2.0, 1.0, 1.0]), [0, 4, 8])
+    8.0
     """
     v, lay = _as_matrix(delta_visual, layers)
     t, _ = _as_matrix(delta_text, layers)
-    below = np.abs(v) < np.abs(t)
-    point = np.where(below.any(axis=1), lay[np.argmax(below, axis=1)], np.nan)
+    ahead = np.maximum.accumulate(np.abs(v) >= np.abs(t), axis=1)  # NaN compares False
+    falls = np.abs(v) < np.abs(t)
+    falls[:, 1:] &= ahead[:, :-1]
+    falls[:, 0] = False
+    point = np.where(falls.any(axis=1), lay[np.argmax(falls, axis=1)], np.nan)
     return float(point[0]) if np.ndim(delta_visual) == 1 else point

@@ -52,9 +52,11 @@ def parser() -> argparse.ArgumentParser:
                    help="memory per worker for the pooled accumulators and chunks in flight, e.g. "
                         "128M, 2G (default 256M; more means more layers per pass, fewer passes)")
     p.add_argument("--relabel", action="store_true",
-                   help="relabel hard/easy from the truncation results before the curves and CP1: "
-                        "hard loses correctness in over half the truncation settings; samples "
-                        "wrong without truncation become 'unsolved'")
+                   help="relabel hard/easy from the truncation results for the curves: hard loses "
+                        "correctness in over half the truncation settings; samples wrong without "
+                        "truncation become 'unsolved'. CP1 stays judged on the keyword labels "
+                        "(relabelled ones would pass it by construction); decision.json shows the "
+                        "relabelled drops beside them")
     p.add_argument("--no-plots", action="store_true", help="skip the figures (report without them)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p

@@ -113,11 +113,17 @@ def _num(x: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+# CP1's truncation mode by preference, with the offset of its layer from the cliff: knockout is
+# the clean removal and drop equals it; zero at L zeroes the outputs of blocks > L, so block L + 1
+# still reads the visual states and zero at cliff - 1 removes what knockout at the cliff does.
+CP1_MODES = {"knockout": 0, "drop": 0, "zero": -1}
+
+
 def _mode(ds: Any) -> str | None:
     if "mode" not in ds.coords or ds.sizes.get("mode", 0) == 0:
         return None
     modes = [str(m) for m in ds["mode"].values]
-    return "knockout" if "knockout" in modes else modes[0]
+    return next((m for m in CP1_MODES if m in modes), modes[0])
 
 
 def _nearest_trunc_layer(ds: Any, cliff: float) -> int | None:
@@ -136,28 +142,40 @@ def _no_cliff(cliff: float) -> str | None:
     return None
 
 
-def _cp1(ds: Any, cfg: AnalysisConfig) -> dict[str, Any]:
+def _subset_drops(drop_per_sample: np.ndarray, labels: Any, cfg: AnalysisConfig) -> dict[str, Any]:
+    """Mean accuracy drop of the hard and the easy samples, with bootstrap CIs and n."""
     from analyze.stats import bootstrap_mean_ci
 
-    cliff = float(ds["cliff_layer"]) if "cliff_layer" in ds else float("nan")
-    if (why := _no_cliff(cliff)) is not None:
-        return {"verdict": NA, "passed": False, "n": 0, "reason": why, "cliff_layer": _num(cliff)}
-    mode = _mode(ds) if "trunc_correct" in ds else None
-    layer = _nearest_trunc_layer(ds, cliff) if mode else None
-    out: dict[str, Any] = {"cliff_layer": _num(cliff), "mode": mode, "trunc_layer": layer,
-                           "metric": "accuracy drop = baseline (trunc_layer -1) - accuracy at the cliff"}
-    if layer is None or -1 not in [int(v) for v in ds["trunc_layer"].values]:
-        return {"verdict": NA, "passed": False, "n": 0, "reason": "no truncation results", **out}
-    correct = ds["trunc_correct"].sel(mode=mode)
-    drop_per_sample = (correct.sel(trunc_layer=-1) - correct.sel(trunc_layer=layer)).values
-    labels = "subset_relabelled" if "subset_relabelled" in ds else "sample_subset"
-    subsets = np.asarray(ds[labels].values).astype(str)
+    subsets = np.asarray(labels).astype(str)
+    out: dict[str, Any] = {}
     for name in ("hard", "easy"):
         drops = drop_per_sample[subsets == name]
         drops = drops[np.isfinite(drops)]
         lo, hi = bootstrap_mean_ci(drops[:, None], n_boot=cfg.bootstrap, seed=cfg.seed)
         out[name] = {"drop": _num(drops.mean()) if drops.size else None,
                      "ci95": [_num(lo[0]), _num(hi[0])], "n": int(drops.size)}
+    return out
+
+
+def _cp1(ds: Any, cfg: AnalysisConfig) -> dict[str, Any]:
+    cliff = float(ds["cliff_layer"]) if "cliff_layer" in ds else float("nan")
+    if (why := _no_cliff(cliff)) is not None:
+        return {"verdict": NA, "passed": False, "n": 0, "reason": why, "cliff_layer": _num(cliff)}
+    mode = _mode(ds) if "trunc_correct" in ds else None
+    target = cliff + CP1_MODES.get(mode, 0)
+    layer = _nearest_trunc_layer(ds, target) if mode else None
+    out: dict[str, Any] = {"cliff_layer": _num(cliff), "mode": mode, "target_layer": _num(target),
+                           "trunc_layer": layer, "labels": "keyword (capture-time subset)",
+                           "metric": "accuracy drop = baseline (trunc_layer -1) - accuracy at the cliff"}
+    if layer is None or -1 not in [int(v) for v in ds["trunc_layer"].values]:
+        return {"verdict": NA, "passed": False, "n": 0, "reason": "no truncation results", **out}
+    correct = ds["trunc_correct"].sel(mode=mode)
+    drop_per_sample = (correct.sel(trunc_layer=-1) - correct.sel(trunc_layer=layer)).values
+    # Judged on the keyword labels: labels relabelled from these truncation results would make
+    # hard mean "fails under truncation", so CP1 would pass by construction; they are shown only.
+    out.update(_subset_drops(drop_per_sample, ds["sample_subset"].values, cfg))
+    if "subset_relabelled" in ds:
+        out["relabelled_not_judged"] = _subset_drops(drop_per_sample, ds["subset_relabelled"].values, cfg)
     hard = out["hard"]["drop"] if out["hard"]["drop"] is not None else float("nan")
     easy = out["easy"]["drop"] if out["easy"]["drop"] is not None else float("nan")
     verdict = cp1_verdict(hard, easy, cfg)
@@ -207,6 +225,11 @@ def _cp3(ds: Any, cfg: AnalysisConfig) -> dict[str, Any]:
         return {"verdict": NA, "passed": False, "n": 0, "reason": "no geometry"}
     layers = np.asarray(ds["effective_rank"]["layer"].values)
     w = cfg.cp3_window
+    if not (layers <= cliff).any() or not (layers > cliff).any():
+        return {"verdict": NA, "passed": False, "n": 0, "cliff_layer": cliff,
+                "reason": f"no geometry layer on both sides of the cliff at layer {cliff:g} "
+                          f"(geometry layers {int(layers.min())}-{int(layers.max())})" if layers.size
+                          else "no geometry layers"}
     result: dict[str, Any] = {"cliff_layer": cliff, "window": w,
                               "pre_layers": [int(v) for v in layers[layers <= cliff][-w:]],
                               "post_layers": [int(v) for v in layers[layers > cliff][:w]],
@@ -254,5 +277,5 @@ def decide(ds: Any, cfg: AnalysisConfig | None = None) -> dict[str, Any]:
     cp1, cp2, cp3 = _cp1(ds, cfg), _cp2(ds, cfg), _cp3(ds, cfg)
     overall = overall_verdict(cp1["passed"], cp2["passed"], cp3["passed"])
     overall["passed"] = {"cp1": cp1["passed"], "cp2": cp2["passed"], "cp3": cp3["passed"]}
-    overall["n"] = int(ds.sizes.get("sample", 0))
+    overall["n"] = int(ds.attrs.get("n_ok", ds.sizes.get("sample", 0)))  # the samples analysed
     return {"cp1": cp1, "cp2": cp2, "cp3": cp3, "overall": overall}

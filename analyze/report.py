@@ -34,8 +34,13 @@ def _cp_lines(decision: dict[str, Any]) -> list[str]:
     lines = ["| checkpoint | verdict | numbers | n |", "|---|---|---|---|"]
     if cp1["verdict"] != "N/A":
         hard, easy = cp1.get("hard", {}), cp1.get("easy", {})
-        numbers = (f"drop at L={cp1['trunc_layer']} ({cp1['mode']}): hard {_fmt(hard.get('drop'))} "
-                   f"CI {_fmt(hard.get('ci95'))}, easy {_fmt(easy.get('drop'))} CI {_fmt(easy.get('ci95'))}")
+        numbers = (f"drop at L={cp1['trunc_layer']} ({cp1['mode']}, keyword labels): hard "
+                   f"{_fmt(hard.get('drop'))} CI {_fmt(hard.get('ci95'))}, easy {_fmt(easy.get('drop'))} "
+                   f"CI {_fmt(easy.get('ci95'))}")
+        if "relabelled_not_judged" in cp1:
+            shown = cp1["relabelled_not_judged"]
+            numbers += (f"; relabelled (not judged): hard {_fmt(shown['hard']['drop'])}, "
+                        f"easy {_fmt(shown['easy']['drop'])}")
     else:
         numbers = cp1.get("reason", "")
     lines.append(f"| CP1 cliff causes failures | **{cp1['verdict']}** | {numbers} | {cp1.get('n', 0)} |")

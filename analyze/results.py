@@ -128,7 +128,7 @@ def truncation_variables(run: Any, ok: np.ndarray, subsets: np.ndarray, cfg: Ana
         source = f"trunc_text judged by the {name} evaluator"
     else:
         correct = correctness_from_logprob(run["trunc_logp"].transpose(*order).values)
-        source = "trunc_logp: correct when p(answer) > 1/2 (greedy reproduces the answer)"
+        source = "trunc_logp: correct when p(answer) > 1/2 (greedy decoding starts with the answer)"
     correct = np.where(ok[:, None, None], correct, np.nan)
     logp = np.where(ok[:, None, None], run["trunc_logp"].transpose(*order).values.astype(np.float64), np.nan)
     variables: dict[str, Any] = {"trunc_correct": (order, correct)}

@@ -40,8 +40,8 @@ def relabel(clean: np.ndarray, truncated: np.ndarray, fallback: np.ndarray | Non
         A score ``>= threshold`` counts as correct.
     min_lost_fraction : float
         A clean-correct sample is hard when it is wrong in more than this fraction of its
-        available truncation settings (truncating at layer 0 removes the image, so losing
-        correctness there alone does not make a question hard).
+        available truncation settings (after layer 0 only block 0 has read the image, so
+        losing correctness there alone does not make a question hard).
 
     Returns
     -------

@@ -8,7 +8,8 @@ trunc_layer x mode; ``trunc_layer = -1`` is the untruncated baseline); judging t
   in [0, 1] (VQA accuracy can be fractional);
 - from ``trunc_logp`` alone when no text was generated: correct when ``p(answer) > 1/2``.  Every
   answer token then has conditional probability above 1/2, so it is the greedy choice at each
-  step and greedy decoding reproduces the gold answer: a conservative (lower-bound) correctness.
+  step and greedy decoding starts with the gold answer (the answer is teacher-forced without an
+  end token, so what follows it is not judged): the answer is the model's greedy choice.
 
 Examples
 --------

@@ -50,7 +50,8 @@ def test_cliff_three_methods_on_a_planted_curve():
     # mean curve 3, 3, 0.5, 0.2, 0: steepest drop between layers 4 and 8 -> 4
     d = np.array([[3.0, 3.0, 0.5, 0.2, 0.0]] * 3)
     assert cliff_boundary(d, LAYERS, "gradient", tau=0.3) == 4.0
-    assert cliff_boundary(d, LAYERS, "threshold_crossing", tau=0.3) == 12.0   # 0.2 < 0.3
+    # the first layer below tau is 12 (0.2 < 0.3); the cliff is the last one above it, like EVD's
+    assert cliff_boundary(d, LAYERS, "threshold_crossing", tau=0.3) == 8.0
     assert cliff_boundary(d, LAYERS, "median_evd", tau=0.3) == 8.0            # 0.5 >= 0.3 at 8
     with pytest.raises(ValueError, match="unknown cliff method"):
         cliff_boundary(d, LAYERS, "nope", tau=0.3)
@@ -69,7 +70,7 @@ def test_no_drop_or_no_crossing_from_above_is_no_cliff():
     # below tau from the start: nothing crossed; one rise above tau, then the crossing counts
     assert np.isnan(cliff_boundary(np.zeros((1, 4)), [0, 1, 2, 3], "threshold_crossing", tau=0.5))
     d = np.array([[0.1, 0.9, 0.2, 0.0]])
-    assert cliff_boundary(d, [0, 1, 2, 3], "threshold_crossing", tau=0.5) == 2.0
+    assert cliff_boundary(d, [0, 1, 2, 3], "threshold_crossing", tau=0.5) == 1.0
 
 
 def test_median_evd_is_an_observed_value_and_skips_nan():
@@ -77,6 +78,24 @@ def test_median_evd_is_an_observed_value_and_skips_nan():
     assert cliff_boundary(np.zeros((5, 5)), LAYERS, "median_evd", tau=1, evd=evd) == 4.0  # lower median
     assert np.isnan(cliff_boundary(np.zeros((1, 5)), LAYERS, "median_evd", tau=1, evd=np.array([np.nan])))
     assert np.isnan(cliff_boundary(np.ones((2, 5)), LAYERS, "threshold_crossing", tau=0.5))
+
+
+def test_median_evd_no_cliff_needs_a_majority():
+    # -1 (never reaches tau) for exactly half the samples is a tie: the upper median, a layer
+    assert cliff_boundary(np.zeros((4, 5)), LAYERS, "median_evd", tau=1,
+                          evd=np.array([-1.0, -1.0, 8.0, 4.0])) == 4.0
+    assert cliff_boundary(np.zeros((5, 5)), LAYERS, "median_evd", tau=1,
+                          evd=np.array([-1.0, -1.0, -1.0, 8.0, 4.0])) == -1.0
+    # without -1 an even count keeps the lower median
+    assert cliff_boundary(np.zeros((4, 5)), LAYERS, "median_evd", tau=1,
+                          evd=np.array([0.0, 12.0, 8.0, 4.0])) == 4.0
+
+
+def test_every_cliff_method_names_the_last_layer_that_matters():
+    # a clean step: visual matters up to layer 8 and not from 12 on, in every sample
+    d = np.array([[2.0, 2.0, 2.0, 0.0, 0.0]] * 3)
+    for method in ("median_evd", "gradient", "threshold_crossing"):
+        assert cliff_boundary(d, LAYERS, method, tau=0.5) == 8.0, method
 
 
 def test_mean_curve_ignores_missing_samples():
@@ -102,6 +121,14 @@ def test_transfer_point_curves_and_samples():
     out = transfer_point(v, t, [0, 1, 2, 3])
     assert out[0] == 1.0 and np.isnan(out[1])
     assert transfer_point(v[0], t[0], [0, 1, 2, 3]) == 1.0
+
+
+def test_transfer_point_needs_visual_ahead_first():
+    # text ahead at the first layer is no fall; visual overtakes at 1 and falls below at 5
+    v = np.array([[1.0, 3.0, 3.0, 3.0, 3.0, 0.2, 0.1], [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    t = np.array([[5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]] * 2)
+    out = transfer_point(v, t, list(range(7)))
+    assert out[0] == 5.0 and np.isnan(out[1])  # the second sample: text ahead throughout
 
 
 def test_correctness_from_logprob_threshold_half():

@@ -134,6 +134,12 @@ def test_relabel_uses_the_truncation_results_only(tmp_path):
     assert dict(enumerate(ds["subset_relabelled"].values.tolist())) == expected
     assert "unsolved" in ds["subset"].values.tolist() and ds.attrs["subsets_relabelled"] == 1
     assert set(expected.values()) >= {"hard", "easy", "unsolved"}  # the case covers every label
+    # CP1 stays on the capture-time labels; the relabelled split is shown beside it
+    cp1 = json.loads((out / "decision.json").read_text())["cp1"]
+    keyword_hard = [i for i in range(10) if truth.subset[i] == "hard" and i not in truth.failed]
+    assert cp1["hard"]["n"] == len(keyword_hard) and "relabelled_not_judged" in cp1
+    assert cp1["relabelled_not_judged"]["hard"]["n"] == list(expected.values()).count("hard")
+    assert "relabelled (not judged)" in (out / "report.md").read_text()
 
 
 def test_run_without_activations_has_no_geometry(tmp_path):

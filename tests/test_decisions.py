@@ -169,3 +169,44 @@ def test_decide_overall_full_go():
     out = decide(ds, AnalysisConfig(bootstrap=50))
     assert [out[k]["verdict"] for k in ("cp1", "cp2", "cp3")] == ["GO", "GO", "GO"]
     assert out["overall"]["verdict"] == "FULL GO" and out["overall"]["n"] == 20
+
+
+def test_decide_cp1_is_judged_on_keyword_labels_not_relabelled_ones():
+    # Relabelled "hard" = fails under truncation: judging those would pass CP1 by construction.
+    # Here the keyword-hard and keyword-easy samples fail alike (2 of 10 each): not a GO.
+    ds = analysis(hard_fail=2, easy_fail=2)
+    relabelled = np.where(ds["trunc_correct"][:, 3, 0].values == 0, "hard", "easy").astype(object)
+    ds["subset_relabelled"] = ("sample", relabelled)
+    out = decide(ds, AnalysisConfig(bootstrap=50))["cp1"]
+    assert out["hard"]["drop"] == pytest.approx(0.2) and out["easy"]["drop"] == pytest.approx(0.2)
+    assert out["verdict"] == "MARGINAL" and out["labels"].startswith("keyword")
+    shown = out["relabelled_not_judged"]
+    assert (shown["hard"]["drop"], shown["hard"]["n"], shown["easy"]["drop"]) == (1.0, 4, 0.0)
+
+
+def test_decide_cp1_prefers_knockout_then_drop_and_judges_zero_one_layer_earlier():
+    # zero at L leaves block L + 1 reading the visual states: zero at cliff - 1 is the removal
+    # knockout makes at the cliff (here failures at trunc_layer 1 under zero, 2 under drop)
+    ds = analysis(hard_fail=3)
+    zero = ds["trunc_correct"].copy(deep=True)
+    zero[:, 3, 0], zero[:3, 2, 0] = 1.0, 0.0
+    both = xr.concat([zero, ds["trunc_correct"]], dim="mode").assign_coords(mode=["zero", "drop"])
+    out = decide(ds.drop_vars("trunc_correct").drop_dims("mode").assign(trunc_correct=both),
+                 AnalysisConfig(bootstrap=50))["cp1"]
+    assert (out["mode"], out["trunc_layer"], out["hard"]["drop"]) == ("drop", 2, pytest.approx(0.3))
+    only_zero = ds.drop_vars("trunc_correct").drop_dims("mode").assign(
+        trunc_correct=zero.assign_coords(mode=["zero"]))
+    out = decide(only_zero, AnalysisConfig(bootstrap=50))["cp1"]
+    assert (out["mode"], out["target_layer"], out["trunc_layer"]) == ("zero", 1.0, 1)
+    assert out["hard"]["drop"] == pytest.approx(0.3) and out["verdict"] == "GO"
+
+
+def test_decide_cp3_is_na_without_geometry_on_both_sides_of_the_cliff():
+    out = decide(analysis(cliff=4.0), AnalysisConfig(bootstrap=50))["cp3"]
+    assert out["verdict"] == "N/A" and "both sides of the cliff at layer 4" in out["reason"]
+
+
+def test_decide_overall_n_counts_the_analysed_samples():
+    ds = analysis()
+    ds.attrs["n_ok"] = 17  # three samples failed at capture (their rows are NaN)
+    assert decide(ds, AnalysisConfig(bootstrap=50))["overall"]["n"] == 17
