@@ -1,9 +1,10 @@
 """Prompts, teacher-forced answers, per-sample token masks and batch collation.
 
 Every prompt is rendered by ``processor.apply_chat_template`` (the checkpoint's own template);
-nothing here knows a family. The gold answer's tokens are appended after the generation prompt
-(teacher forcing), so the answer token at sequence index ``i`` is predicted by the logits at
-``i - 1``.
+nothing here knows a family. The gold answer's tokens are appended where the template puts an
+assistant answer (after the generation prompt, and after a reasoning checkpoint's closed think
+block: :func:`answer_lead`), so the answer token at sequence index ``i`` is predicted by the
+logits at ``i - 1``.
 
 Masks are computed per sample from that sample's own tokens:
 
@@ -93,12 +94,48 @@ def build_messages(question: str, has_image: bool) -> list[dict[str, Any]]:
 
 
 def render_prompt(processor: Any, question: str, has_image: bool) -> str:
-    """The prompt text from the checkpoint's chat template, ending with the generation prompt."""
+    """The prompt text from the checkpoint's chat template, ending where its answer starts.
+
+    That is the generation prompt, plus what the template itself writes before an assistant
+    answer when that is more than whitespace (:func:`answer_lead`).
+    """
     if getattr(processor, "chat_template", None) is None:
         raise GapError("the processor has no chat template; capture renders prompts only through "
                        "processor.apply_chat_template")
-    return processor.apply_chat_template(build_messages(question, has_image), tokenize=False,
-                                         add_generation_prompt=True)
+    messages = build_messages(question, has_image)
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt + answer_lead(processor, messages, prompt)
+
+
+ANSWER_MARK = "GAPANSWERMARK"  # the answer's stand-in in a rendering with the assistant turn
+
+
+def answer_lead(processor: Any, messages: list[dict[str, Any]], prompt: str) -> str:
+    """What the template writes between its generation prompt and an assistant answer.
+
+    A reasoning checkpoint (Qwen3-VL-*-Thinking) ends its generation prompt inside an opened
+    think block (``...assistant\n<think>\n``), and its own rendering of an answer closes the
+    block first (``\n</think>\n\n``). Appending the gold answer right after the generation prompt
+    would score it as the first words of the reasoning, and greedy generation would reason
+    instead of answering; after the lead both see the answer's place. A lead of whitespace only
+    (LLaVA's ``ASSISTANT:`` + ``" "``) is left to the answer's own tokens, as generation sees it.
+    A template that cannot render an assistant turn has no lead.
+
+    >>> import tempfile
+    >>> from transformers import AutoProcessor
+    >>> from capture.tiny import build_tiny
+    >>> proc = AutoProcessor.from_pretrained(build_tiny("qwen2_vl", tempfile.mkdtemp(), n_layers=1))
+    >>> msgs = build_messages("why?", False)
+    >>> answer_lead(proc, msgs, proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    ''
+    """
+    turn = {"role": "assistant", "content": [{"type": "text", "text": ANSWER_MARK}]}
+    try:
+        full = processor.apply_chat_template(messages + [turn], tokenize=False)
+    except Exception:  # noqa: BLE001 - any template error: the template has no assistant turn to copy
+        return ""
+    head = full[:full.find(ANSWER_MARK)] if ANSWER_MARK in full else ""
+    return head[len(prompt):] if head.startswith(prompt) and head[len(prompt):].strip() else ""
 
 
 QUESTION_MARK = "GAPQUESTIONMARK"  # the question's stand-in in a second rendering of the template

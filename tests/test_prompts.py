@@ -152,3 +152,48 @@ def test_missing_question_and_template_errors(llava):
     for question in ("   ", ""):  # blank or empty question: no text tokens, the sample still encodes
         s = encode_sample(llava.processor, llava.image_token_id, _sample(question=question))
         assert not s.is_text.any() and s.is_visual.sum() == 16 and s.is_answer.sum() == 1
+
+
+# A reasoning checkpoint's template (Qwen3-VL-*-Thinking): the generation prompt opens a think
+# block; the template's own rendering of an answer closes it first.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+def test_reasoning_template_scores_the_answer_after_the_closed_think_block(tiny_checkpoint):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_checkpoint("qwen2_vl", n_layers=3))
+    proc.tokenizer.add_tokens(["<think>", "</think>"], special_tokens=True)
+    proc.chat_template = THINKING_TEMPLATE
+    image_id = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    s = encode_sample(proc, image_id, _sample(question="what colour ?", image=None))
+    assert s.prompt_text == ("<|im_start|>user\nwhat colour ?<|im_end|>\n"
+                             "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    tokens = proc.tokenizer.convert_ids_to_tokens(s.input_ids.tolist())
+    assert tokens[-4:] == ["assistant", "<think>", "</think>", "red"]
+    assert np.flatnonzero(s.is_answer).tolist() == [len(tokens) - 1]
+    assert [tokens[i] for i in np.flatnonzero(s.is_text)] == ["what", "colour", "?"]
+    # generation starts at the same place: it answers instead of reasoning
+    prompt_only = encode_sample(proc, image_id, _sample(question="what colour ?", image=None),
+                                append_answer=False)
+    assert prompt_only.input_ids.tolist() == s.input_ids[:-1].tolist()
+
+
+def test_template_without_an_assistant_turn_keeps_the_generation_prompt(tiny_checkpoint):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_checkpoint("qwen2_vl", n_layers=3))
+    proc.chat_template = THINKING_TEMPLATE.replace(
+        "{% if message['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}",
+        "{% if message['role'] == 'assistant' %}{{ raise_exception('no assistant turns') }}{% endif %}")
+    image_id = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    s = encode_sample(proc, image_id, _sample(question="what colour ?", image=None))
+    assert s.prompt_text.endswith("<|im_start|>assistant\n<think>\n")
