@@ -216,6 +216,25 @@ def donor_rows(index: int, n_items: int, seed: int = 0, tries: int = MAX_DONOR_T
     return out
 
 
+def same_image(a: "PromptSample", b: "PromptSample") -> bool:
+    """Whether two encoded samples show the same image (equal pixel inputs).
+
+    A swap donor showing the recipient's image (VQAv2, DocVQA and ChartQA ask several questions
+    of one image) would swap visual states for identical ones: a visual delta of exactly 0 that
+    says nothing.
+
+    >>> import torch
+    >>> from capture.prompts import PromptSample
+    >>> def enc(pixels):
+    ...     z = np.zeros(1, bool)
+    ...     return PromptSample({"pixel_values": torch.tensor(pixels)}, z, z, z, z, z, z, "")
+    >>> same_image(enc([1.0, 2.0]), enc([1.0, 2.0])), same_image(enc([1.0, 2.0]), enc([1.0, 3.0]))
+    (True, False)
+    """
+    pa, pb = a.inputs.get("pixel_values"), b.inputs.get("pixel_values")
+    return pa is not None and pb is not None and pa.shape == pb.shape and bool((pa == pb).all())
+
+
 def with_answer(sample: "PromptSample", answer_ids: Sequence[int]) -> "PromptSample":
     """``sample``'s prompt followed by other answer tokens (e.g. the swap donor's answer).
 

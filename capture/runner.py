@@ -682,10 +682,11 @@ class CaptureRunner:
     def _donors(self, batch: Batch) -> list[PromptSample | None]:
         """Each sample's swap donor (``capture.causal.donor_rows``), encoded with its own answer.
 
-        An unreadable donor row is the donor's fault, not the sample's: the next candidate stands
-        in, and with none left the sample's swaps are NaN (``swap_donor`` empty).
+        An unreadable donor row, or one showing the sample's own image, is the donor's fault, not
+        the sample's: the next candidate stands in, and with none left the sample's swaps are NaN
+        (``swap_donor`` empty).
         """
-        from capture.causal import donor_rows
+        from capture.causal import donor_rows, same_image
         from capture.prompts import encode_sample
 
         if self.donor_source is None:
@@ -695,13 +696,19 @@ class CaptureRunner:
             donor = None
             for row in donor_rows(int(s.meta["index"]), len(self.donor_source), self.cfg.capture.causal.seed):
                 try:
-                    donor = encode_sample(self.loaded.processor, self.loaded.image_token_id,
-                                          self.donor_source[row])
-                    break
+                    candidate = encode_sample(self.loaded.processor, self.loaded.image_token_id,
+                                              self.donor_source[row])
                 except Exception as exc:  # noqa: BLE001 - try the next candidate
                     log.warning("swap donor %s of %s unusable: %s", row, s.meta["sample_id"], _one_line(exc))
+                    continue
+                if same_image(s, candidate):
+                    log.info("swap donor %s of %s shows the same image; trying the next", row, s.meta["sample_id"])
+                    continue
+                donor = candidate
+                break
             if donor is None:
-                log.warning("%s: no usable swap donor; its swap values are NaN", s.meta["sample_id"])
+                log.warning("%s: no usable swap donor (unreadable or showing its own image); its swap "
+                            "values are NaN", s.meta["sample_id"])
             out.append(donor)
         return out
 

@@ -450,6 +450,21 @@ def test_an_unreadable_swap_donor_is_replaced_and_costs_the_sample_nothing(tiny_
     assert np.isfinite(ds["delta"].sel({"layer": 1, "method": "zero"}).values).all()
 
 
+def test_a_swap_donor_showing_the_same_image_is_passed_over(tiny_checkpoint, tmp_path):
+    # Several questions of one image: swapping its visual states for identical ones is a no-op
+    from capture.causal import donor_rows
+
+    path = tiny_checkpoint("llava", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(4)
+    first, second = donor_rows(0, 4)[:2]
+    samples[first] = {**samples[first], "image": samples[0]["image"].copy()}
+    cfg = _cfg(path, batch_size=2, causal={"methods": ["swap"], "layers": [0, 1]})
+    stats, ds = _capture(loaded, cfg, samples[:1], tmp_path / "run", donor_source=samples)
+    assert ds["swap_donor"].values[0] == f"t/{second}"
+    assert np.abs(ds["delta"].sel({"method": "swap", "channel": "visual"}).values).max() > 1e-6
+
+
 def test_samples_are_read_and_encoded_ahead_on_their_own_thread(tiny_checkpoint, tmp_path, monkeypatch):
     # The capture loop's thread only feeds the model; an error of the items' iterator still
     # surfaces in it, after the samples before it, and no reader thread outlives the run.
