@@ -98,7 +98,7 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
     from store import open_run, read_run
 
     state = read_run(run_dir)
-    run = open_run(run_dir, chunks=chunk_tokens(state.hidden))
+    run = open_run(run_dir)
     cfg = run_config(run, overrides or [])
     out = Path(out) if out else Path(run_dir) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -128,19 +128,6 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
 
         figures = make_all(analysis, decision, out)
     return write_report(analysis, decision, figures, out)
-
-
-def chunk_tokens(hidden: dict[str, Any], target_bytes: int = 16 << 20) -> int | None:
-    """Tokens per Dask chunk: whole store blocks, about ``target_bytes`` of float32 per layer.
-
-    Smaller than the store view's default so that each task (a chunk's samples, all layers of a
-    pass) stays small in the workers' memory, and a pass has enough tasks to keep every worker
-    busy to its end (about three LLaVA-1.5 samples per task).
-    """
-    block, size = hidden.get("block_tokens"), hidden.get("hidden_size")
-    if not block or not size:
-        return None
-    return int(block * max(1, target_bytes // (block * size * 4)))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -278,15 +278,14 @@ def baseline(run: str, samples: int, layers: int, measured: int, offset: int = 0
 def speedup(tmp: Path, samples: int = 26, layers: int = 2, measured: int = 3, repeats: int = 3) -> dict[str, float]:
     import json
 
-    from analyze.cli import chunk_tokens
     from analyze.metrics import Moments
     from analyze.pipeline import geometry, open_client
-    from store import open_run, read_run
+    from store import open_run
 
     run = tmp / "speed"
     write_store(run, samples, layers, HIDDEN, N_VISUAL, N_TEXT, N_OTHER, "bfloat16")
     cores = len(os.sched_getaffinity(0))
-    ds = open_run(run, chunks=chunk_tokens(read_run(run).hidden))  # as `gap analyze` opens it
+    ds = open_run(run)  # as `gap analyze` opens it
     per_sl, eig_per_layer = [], []
     with open_client("local", workers=cores) as client:
         client.run(_warm_up)  # worker start-up and imports are a one-off, not a per-sample cost

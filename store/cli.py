@@ -36,4 +36,8 @@ def main(argv: list[str]) -> int:
     info_dict = run_info(args.run)
     print(f"{args.run}: intact ({info_dict['ok']} ok, {info_dict['failed']} failed samples "
           f"in {len(info_dict['shards'])} shards)")
+    for s in info_dict["shards"]:
+        if s["writer"]:
+            print(f"  shard {s['shard']}/{s['n_shards']} is being written by {s['writer']}: its "
+                  "committed samples were checked, its work in progress was not")
     return 0

@@ -14,9 +14,39 @@ from store import layout
 from store.reader import PartState, RunState, read_run
 
 
+def writer_of(part_dir: Path) -> str | None:
+    """Who holds a part's writer lock (``"pid N on HOST"``), or None when no writer is live.
+
+    A live writer's tail (blocks and an array extent past its last commit, a half-written line)
+    is work in progress, not damage.
+    """
+    import fcntl
+
+    try:
+        fh = open(part_dir / layout.LOCK, "r")
+    except FileNotFoundError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fh.read().strip() or "another process"
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 def _disk_usage(path: Path) -> tuple[int, int]:
+    """Files and bytes of the run's own data (its root metadata and parts; not an analysis
+    written inside the run directory)."""
     files = size = 0
-    for root, _, names in os.walk(path):
+    tops = [path / "zarr.json", *(p for p in path.iterdir() if p.is_file() and p.name != "zarr.json")]
+    for top in tops:
+        try:
+            size += top.stat().st_size
+            files += 1
+        except FileNotFoundError:
+            continue
+    for root, _, names in os.walk(path / layout.PARTS):
         for name in names:
             try:
                 size += os.path.getsize(os.path.join(root, name))
@@ -36,7 +66,8 @@ def run_info(run: str | Path) -> dict[str, Any]:
         ok = sum(s["status"] == STATUS_OK for s in samples)
         shards.append({"shard": part.shard, "n_shards": part.n_shards, "ok": ok, "failed": len(samples) - ok,
                        "segments": len(part.commits), "tokens": sum(s["n_tokens"] for s in samples),
-                       "updated": part.commits[-1]["time"] if part.commits else None})
+                       "updated": part.commits[-1]["time"] if part.commits else None,
+                       "writer": writer_of(part.path)})
     ok = sum(s["ok"] for s in shards)
     failed = sum(s["failed"] for s in shards)
     attrs = state.attrs
@@ -61,11 +92,13 @@ def format_info(info: dict[str, Any]) -> str:
     ]
     for s in info["shards"]:
         lines.append(f"  shard {s['shard']}/{s['n_shards']}: {s['ok']} ok, {s['failed']} failed, "
-                     f"{s['tokens']} tokens, {s['segments']} segments, last commit {s['updated']}")
+                     f"{s['tokens']} tokens, {s['segments']} segments, last commit {s['updated'] or 'none yet'}"
+                     + (f"; being written by {s['writer']}" if s.get("writer") else ""))
     return "\n".join(lines)
 
 
-def _check_array(part: PartState, name: str, expect: dict[str, Any], problems: list[str]) -> None:
+def _check_array(part: PartState, name: str, expect: dict[str, Any], problems: list[str],
+                 live: bool = False) -> None:
     meta_path = part.path / name / "zarr.json"
     where = f"{part.path.name}/{name}"
     if not meta_path.exists():
@@ -82,7 +115,7 @@ def _check_array(part: PartState, name: str, expect: dict[str, Any], problems: l
     shape, want = meta.get("shape", []), expect["shape"]
     if len(shape) != len(want) or any(a != b for i, (a, b) in enumerate(zip(shape, want)) if i != expect["axis"]):
         problems.append(f"{where}: shape {shape} does not match the run ({want})")
-    elif shape[expect["axis"]] != part.end:
+    elif shape[expect["axis"]] != part.end and not (live and shape[expect["axis"]] > part.end):
         problems.append(f"{where}: extent {shape[expect['axis']]} != committed end {part.end} "
                         "(uncommitted leftovers; resume the shard)")
 
@@ -106,13 +139,14 @@ def verify_run(run: str | Path) -> list[str]:
     owners: Counter[int] = Counter()
     for part in state.parts:
         name = part.path.name
+        live = writer_of(part.path) is not None  # its tail past the last commit is in progress
         if part.n_shards != state.attrs.get("n_shards"):
             problems.append(f"{name}: part of a {part.n_shards}-shard layout in a "
                             f"{state.attrs.get('n_shards')}-shard run")
-        if part.file_bytes != part.log_bytes:
+        if part.file_bytes != part.log_bytes and not live:
             problems.append(f"{name}: torn commit line after the last commit (uncommitted leftovers; resume the shard)")
         for number, _ in part.damaged:
-            problems.append(f"{name}: commit line {number} is damaged (not JSON): its samples are not in the view "
+            problems.append(f"{name}: commit line {number} is damaged (not a commit): its samples are not in the view "
                             "(gap capture --resume captures any missing)")
         after_damage = {position for _, position in part.damaged}
         expected_start = 0
@@ -140,13 +174,13 @@ def verify_run(run: str | Path) -> list[str]:
             arrays.append((layout.HIDDEN, 1, layout.hidden_metadata(n_layers, part.end, size, encoding, block,
                                                                     hidden.get("compression", "none"))))
         for array, axis, meta in arrays:
-            _check_array(part, array, {**meta, "axis": axis}, problems)
+            _check_array(part, array, {**meta, "axis": axis}, problems, live)
             present = _chunk_blocks(part.path / array, axis)
             missing = sorted(set(range(n_blocks)) - present)
             extra = sorted(b for b in present if b >= n_blocks)
             if missing:
                 problems.append(f"{name}/{array}: missing chunks for blocks {missing[:5]}")
-            if extra:
+            if extra and not live:
                 problems.append(f"{name}/{array}: uncommitted leftover chunks {extra[:5]} (resume the shard)")
         problems += _check_chunk_files(part, n_blocks, n_layers, block, block * size * itemsize,
                                        hidden.get("compression", "none"))

@@ -355,26 +355,52 @@ def set_array_length(array_dir: Path, axis: int, length: int) -> None:
 
 class CommitLog(NamedTuple):
     """A part's commit log as read: its commits, the bytes of its complete lines, and the
-    ``(line number, commits before it)`` of each complete line that is damaged (not JSON)."""
+    ``(line number, commits before it)`` of each complete line that is damaged (not a commit)."""
 
     commits: list[dict[str, Any]]
     good: int
     damaged: list[tuple[int, int]]
 
 
+_COMMIT_FIELDS = {"segment": int, "start": int, "stop": int, "end": int, "samples": list}
+_SAMPLE_FIELDS = {"index": int, "sample_id": str, "status": str, "n_tokens": int}
+
+
+def is_commit(obj: Any) -> bool:
+    """Whether a parsed commit line has a commit's fields and types (a sample with tokens also
+    its ``offset``): a damaged byte can leave valid JSON with a changed key.
+
+    >>> is_commit({"segment": 0, "start": 0, "stop": 2, "end": 8, "samples": [
+    ...     {"index": 3, "sample_id": "a/3", "status": "ok", "n_tokens": 2, "offset": 0}]})
+    True
+    >>> is_commit({"segment": 0, "start": 0, "stop": 2, "end": 8, "samplqs": []})
+    False
+    """
+    def typed(d: Any, fields: dict[str, type]) -> bool:
+        return isinstance(d, dict) and all(
+            isinstance(d.get(k), t) and not isinstance(d.get(k), bool) for k, t in fields.items())
+
+    return typed(obj, _COMMIT_FIELDS) and all(
+        typed(s, _SAMPLE_FIELDS) and (not s["n_tokens"] or isinstance(s.get("offset"), int))
+        for s in obj["samples"])
+
+
 def parse_commit_log(data: bytes) -> CommitLog:
     """The commits of a log's complete lines.
 
     A writer killed while appending leaves a partial last line (no newline); it is not a commit.
-    A complete line that is not JSON (the file damaged since) is skipped and listed in
-    ``damaged``, so the commits after it still count: each commit names its own token range.
+    A complete line that is not a commit (not JSON, or JSON without a commit's fields: the file
+    damaged since) is skipped and listed in ``damaged``, so the commits after it still count:
+    each commit names its own token range.
 
     Lines end at ``\\n`` only: a damaged byte that reads as ``\\r`` must not look like a torn
     last line, which would hide every commit after it (and resume would truncate them away).
 
-    >>> log = parse_commit_log(b'{"end": 8}\\n{"e\\rnd": 1}\\n[16]\\n{"end": 16}\\n{"end"')
-    >>> [c["end"] for c in log.commits], log.good, log.damaged
-    ([8, 16], 40, [(2, 1), (3, 1)])
+    >>> c = '{"segment": 0, "start": 0, "stop": 0, "end": %d, "samples": []}'
+    >>> data = "\\n".join([c % 8, '{"e\\rnd": 1}', "[16]", c % 16, '{"end"']).encode()
+    >>> log = parse_commit_log(data)
+    >>> [c["end"] for c in log.commits], log.damaged
+    ([8, 16], [(2, 1), (3, 1)])
     """
     commits: list[dict[str, Any]] = []
     damaged: list[tuple[int, int]] = []
@@ -385,7 +411,7 @@ def parse_commit_log(data: bytes) -> CommitLog:
             commit = json.loads(line)
         except ValueError:  # not JSON, or not UTF-8
             commit = None
-        if isinstance(commit, dict):
+        if is_commit(commit):
             commits.append(commit)
         else:  # damaged, or JSON that is no commit
             damaged.append((number, len(commits)))

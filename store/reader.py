@@ -20,7 +20,7 @@ class PartState:
     commits: list[dict[str, Any]]
     log_bytes: int  # bytes of complete commit lines
     file_bytes: int  # size of commits.jsonl (larger: a torn last line)
-    damaged: list[tuple[int, int]]  # (line number, commits before it) of lines that are not JSON
+    damaged: list[tuple[int, int]]  # (line number, commits before it) of lines that are not commits
 
     @property
     def records(self) -> list[dict[str, Any]]:

@@ -22,7 +22,9 @@ from store.reader import PartState, RunState, read_run
 
 log = logging.getLogger("gap.store")
 
-TARGET_DASK_CHUNK_BYTES = 64 << 20
+# float32 bytes per layer of a Dask chunk of hidden: a few samples of a 2048-4096-wide model, so a
+# one-sample selection reads little more than the sample and a whole-layer pass has enough tasks
+TARGET_DASK_CHUNK_BYTES = 16 << 20
 RECORD_FIELDS = ("sample_id", "question", "answer", "subset", "status", "error", "n_tokens", "n_visual")
 
 
@@ -95,29 +97,86 @@ class HiddenPart:
         return out[:, :, cols]
 
 
-def _hidden_dask(state: RunState, ranges: list[tuple[PartState, int, int]], chunks: int | None):
+class RunHidden:
+    """Float32 array-like over the hidden states of a whole run in view token order (for Dask).
+
+    A view token range maps onto runs of consecutive tokens in the parts (shards take every N-th
+    sample and capture writes in length-batch order, so nearly every sample is a run of its own).
+    One array over them keeps the Dask graph at layers x token chunks whatever the number of
+    samples (slicing one array per run adds tasks per sample and layer). It decodes what it
+    reads, so Dask fuses a selection into this read and reads only the selected tokens.
+    """
+
+    def __init__(self, state: RunState, ranges: list[tuple[PartState, int, int]]) -> None:
+        hidden = state.hidden
+        self.parts = {p.path: HiddenPart(p.path / layout.HIDDEN, hidden, p.end) for p, _, _ in ranges}
+        self.runs = [(p.path, a, b) for p, a, b in ranges]
+        self.starts = np.concatenate([[0], np.cumsum([b - a for _, a, b in ranges], dtype=np.int64)])
+        self.encoding = hidden["encoding"]
+        self.dtype = np.dtype(np.float32)
+        self.shape = (len(hidden["layers"]), int(self.starts[-1]), hidden["hidden_size"])
+        self.ndim = 3
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        layers, tokens, cols = key
+        t0, t1, step = tokens.indices(self.shape[1])
+        if step != 1:  # the covering rows, then every step-th
+            return self[layers, slice(t0, max(t0, t1)), cols][:, ::step]
+        pieces = []
+        i = max(0, int(np.searchsorted(self.starts, t0, side="right")) - 1)
+        while i < len(self.runs) and self.starts[i] < t1:
+            path, a, _ = self.runs[i]
+            lo, hi = max(t0, int(self.starts[i])), min(t1, int(self.starts[i + 1]))
+            base = a - int(self.starts[i])
+            pieces.append(decode_hidden(self.parts[path][layers, slice(base + lo, base + hi), cols], self.encoding))
+            i += 1
+        if not pieces:
+            n_layers = len(range(self.shape[0])[layers])
+            return np.zeros((n_layers, 0, len(range(self.shape[2])[cols])), self.dtype)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
+
+
+def sample_chunks(n_tokens: np.ndarray, max_tokens: int) -> tuple[int, ...]:
+    """Token chunk sizes along the view's token axis: whole samples, up to ``max_tokens`` a chunk.
+
+    A chunk never splits a sample (one larger than ``max_tokens`` is a chunk of its own), so a
+    selection of one sample reads that sample's chunk only, and an analysis task holds whole
+    samples.
+
+    >>> sample_chunks(np.array([3, 4, 0, 2, 9, 1]), max_tokens=8)
+    (7, 2, 9, 1)
+    """
+    sizes: list[int] = []
+    current = 0
+    for n in (int(x) for x in n_tokens if x):
+        if current and current + n > max_tokens:
+            sizes.append(current)
+            current = 0
+        current += n
+    if current:
+        sizes.append(current)
+    return tuple(sizes)
+
+
+def _hidden_dask(state: RunState, ranges: list[tuple[PartState, int, int]], n_tokens: np.ndarray,
+                 chunks: int | None):
     import dask.array as da
     from dask.base import tokenize
 
     hidden = state.hidden
-    encoding, size, block = hidden["encoding"], hidden["hidden_size"], hidden["block_tokens"]
+    size, n_layers = hidden["hidden_size"], len(hidden["layers"])
+    if not ranges:
+        return da.zeros((n_layers, 0, size), dtype=np.float32)
     if chunks is None:
-        chunks = max(1, TARGET_DASK_CHUNK_BYTES // (block * size * 4)) * block
-    arrays: dict[Path, Any] = {}
-    pieces = []
-    for part, start, stop in ranges:
-        if part.path not in arrays:
-            source = HiddenPart(part.path / layout.HIDDEN, hidden, part.end)
-            # the name is the graph key: everything that makes the array, so that two opens of
-            # different chunking, places or contents never share one (dask would mix their tasks)
-            name = "hidden-" + tokenize(str(part.path.resolve()), part.end, part.log_bytes, chunks, hidden)
-            arrays[part.path] = da.from_array(source, chunks=(1, chunks, size), name=name, asarray=False,
-                                              fancy=False)
-        pieces.append(arrays[part.path][:, start:stop])
-    if not pieces:
-        return da.zeros((len(hidden["layers"]), 0, size), dtype=np.float32)
-    stacked = da.concatenate(pieces, axis=1)
-    return stacked.map_blocks(decode_hidden, encoding, dtype=np.float32)
+        chunks = max(1, TARGET_DASK_CHUNK_BYTES // (size * 4))
+    source = RunHidden(state, ranges)
+    # the name is the graph key: everything that makes the array (the commit logs fix the token
+    # runs), so that two opens of different chunking, places or contents never share one (dask
+    # would mix their tasks)
+    name = "hidden-" + tokenize([(str(p.path.resolve()), p.end, p.log_bytes) for p in state.parts],
+                                chunks, hidden)
+    return da.from_array(source, chunks=((1,) * n_layers, sample_chunks(n_tokens, chunks), (size,)),
+                         name=name, asarray=False, fancy=False)
 
 
 def open_run(run: str | Path, chunks: int | None = None):
@@ -126,7 +185,13 @@ def open_run(run: str | Path, chunks: int | None = None):
     Parameters
     ----------
     run : path of the run directory.
-    chunks : tokens per Dask chunk of ``hidden`` (default: whole hidden shards, ~64 MB per chunk).
+    chunks : most tokens per Dask chunk of ``hidden`` (default: ~16 MB of float32 per layer).
+        Chunks hold whole samples (:func:`sample_chunks`); one layer each.
+
+    ``hidden`` and the causal variables share the ``layer`` dimension, which holds the layers of
+    both: where ``capture.layers`` and ``capture.causal.layers`` differ, ``hidden`` is NaN at a
+    layer it did not capture (select ``ds.attrs["hidden_layers"]``) and ``delta`` at one it did
+    not patch.
 
     Examples
     --------
@@ -163,8 +228,7 @@ def open_run(run: str | Path, chunks: int | None = None):
     tables = {p.path: _read_tokens(p) for p in {p.path: p for p, _, _ in ranges}.values()}
     table = (np.concatenate([tables[p.path][a:b] for p, a, b in ranges]) if ranges
              else np.zeros((0, len(layout.TOKEN_COLUMNS)), np.int32))
-    position_of = {int(k): i for i, k in enumerate(sample_index)}
-    token_sample = np.array([position_of[int(k)] for k in table[:, 3]], np.int64)
+    token_sample = np.searchsorted(sample_index, table[:, 3]).astype(np.int64)  # sample_index is sorted
     flags = table[:, 2]
     n_tok = np.array([m["n_tokens"] for _, m in samples], np.int64)
     token_start = np.concatenate([[0], np.cumsum(n_tok)[:-1]]).astype(np.int64) if n else n_tok
@@ -186,7 +250,7 @@ def open_run(run: str | Path, chunks: int | None = None):
     ds = xr.Dataset(data, coords={**coords, **({"layer": coords_spec["layer"]} if coords_spec.get("layer") else {})})
 
     if state.hidden["layers"]:
-        hidden = _hidden_dask(state, ranges, chunks)
+        hidden = _hidden_dask(state, ranges, n_tok, chunks)
         hidden_ds = xr.Dataset({"hidden": (("layer", "token", "hidden_dim"), hidden)},
                                coords={"layer": state.hidden["layers"]})
         ds = xr.merge([ds, hidden_ds], join="outer", compat="no_conflicts", combine_attrs="drop_conflicts")
@@ -205,6 +269,7 @@ def _attrs(state: RunState, n_committed: int) -> dict[str, Any]:
         "dtype": str(model.get("dtype")),
         "trust_remote_code": int(bool(model.get("trust_remote_code"))),
         "hidden_encoding": attrs["hidden"]["encoding"],
+        "hidden_layers": [int(v) for v in attrs["hidden"]["layers"]],
         "gap_version": str(prov.get("gap_version")),
         "git_commit": str(prov.get("git_commit")),
         "libraries": json.dumps(prov.get("libraries", {})),

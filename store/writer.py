@@ -70,6 +70,7 @@ def _io_threads() -> int:
 
 
 IO_THREADS = _io_threads()
+LOCK_TRIES = 5  # tries 0.1 s apart to take a shard's writer lock
 
 LIBRARIES = ("torch", "transformers", "nnsight", "accelerate", "numpy", "zarr", "xarray", "dask")
 
@@ -201,9 +202,13 @@ class RunWriter:
         self.dir = layout.part_dir(self.run, self.shard, self.n_shards)
         layout.make_dirs(self.dir)
         self._lock_fh = self._lock()
-        layout.create_json_exclusive(self.dir / "zarr.json", layout.group_metadata(
-            {"gap": {"shard": self.shard, "n_shards": self.n_shards}}))
-        commits = self._recover(resume)
+        try:
+            layout.create_json_exclusive(self.dir / "zarr.json", layout.group_metadata(
+                {"gap": {"shard": self.shard, "n_shards": self.n_shards}}))
+            commits = self._recover(resume)
+        except BaseException:
+            self._lock_fh.close()  # a caller that catches the error may open the shard again
+            raise
         # each committed sample's latest status: a failed one may be captured again (a retry)
         self.committed_status: dict[int, str] = {s["index"]: s["status"] for s in layout.latest_samples(commits)}
         self.n_committed_segments = len(commits)
@@ -216,6 +221,7 @@ class RunWriter:
         self.wait_seconds = 0.0
         self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix=f"gap-io-{self.shard}")
         self._io_pending: deque[Future] = deque()
+        self._put_ok: set[int] = set()  # samples put ok in this session (committed or still queued)
         self._thread = threading.Thread(target=self._consume, name=f"gap-writer-{self.shard}", daemon=True)
         self._thread.start()
 
@@ -237,12 +243,18 @@ class RunWriter:
     def put(self, record: SampleRecord) -> None:
         """Queue one record for writing (blocks while the queue is full).
 
-        A sample already committed may come again only if its committed record failed (a retry).
+        A sample already committed may come again only if its committed record failed (a retry);
+        one put ok in this session may not come again, and every sample must be of this shard.
         """
         self._raise_if_failed()
-        if self.committed_status.get(record.index) == STATUS_OK:
+        if record.index % self.n_shards != self.shard:
+            raise ValueError(f"sample {record.sample_id} (row {record.index}) belongs to shard "
+                             f"{record.index % self.n_shards}/{self.n_shards}, not {self.shard}")
+        if self.committed_status.get(record.index) == STATUS_OK or record.index in self._put_ok:
             raise ValueError(f"sample {record.sample_id} is already committed (ok) in {self.dir}")
         item = self._prepare(record)
+        if record.status == STATUS_OK:
+            self._put_ok.add(record.index)
         start = time.perf_counter()
         try:
             while True:
@@ -277,14 +289,19 @@ class RunWriter:
     # -- setup ----------------------------------------------------------------------------------
     def _lock(self):
         fh = open(self.dir / layout.LOCK, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise GapError(f"shard {self.shard}/{self.n_shards} of {self.run} is being written by "
-                           f"{holder}; two writers may not share a shard") from None
+        for attempt in range(LOCK_TRIES):  # `gap store verify` holds it shared for an instant
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < LOCK_TRIES - 1:
+                    time.sleep(0.1)
+                    continue
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                raise GapError(f"shard {self.shard}/{self.n_shards} of {self.run} is being written by "
+                               f"{holder}; two writers may not share a shard") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

@@ -602,6 +602,32 @@ def test_writer_refuses_a_sample_committed_ok(tmp_path):
     with RunWriter(tmp_path / "run", spec, resume=True) as w:
         with pytest.raises(ValueError, match="toy/test/0 is already committed"):
             w.put(make_record(0, spec))
+    # twice in one session, before any commit; a row of another shard
+    spec = store_spec(n_total=4)
+    with RunWriter(tmp_path / "run2", spec, shard=(0, 2)) as w:
+        w.put(make_record(0, spec))
+        with pytest.raises(ValueError, match="toy/test/0 is already committed"):
+            w.put(make_record(0, spec))
+        with pytest.raises(ValueError, match=r"\(row 1\) belongs to shard 1/2, not 0"):
+            w.put(make_record(1, spec))
+    assert list(open_run(tmp_path / "run2").sample_index.values) == [0]
+
+
+def test_a_writer_that_fails_to_open_releases_its_shard(tmp_path):
+    # a notebook that forgot --resume catches the error and opens the shard again
+    from tests.storekit import make_record, make_spec as store_spec
+
+    spec = store_spec(n_total=2)
+    with RunWriter(tmp_path / "run", spec) as w:
+        w.put(make_record(0, spec))
+    try:
+        RunWriter(tmp_path / "run", spec)
+    except GapError as exc:
+        kept = exc  # the traceback holds the failed writer's frame
+    assert "pass --resume" in str(kept)
+    with RunWriter(tmp_path / "run", spec, resume=True) as w:
+        w.put(make_record(1, spec))
+    assert sorted(open_run(tmp_path / "run").sample_index.values) == [0, 1]
 
 
 @pytest.mark.parametrize("max_runs", [8, 0])

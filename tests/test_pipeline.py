@@ -30,10 +30,12 @@ def _massive(x: np.ndarray, k: float = 100.0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def geo(run, client, tmp_path_factory):
     path, _ = run
-    ds = open_run(path, chunks=32)  # small chunks: samples straddle chunk boundaries
+    ds = open_run(path, chunks=32)
+    hidden = ds.hidden.chunk({"token": 32})  # regular chunks: samples straddle chunk boundaries
+    assert (np.cumsum(hidden.data.chunks[1])[:, None] != ds.token_start.values[None, :]).all(axis=0).any()
     ok = ds.status.values.astype(str) == "ok"
     # A budget of one layer per pass: four passes, each reading its own layer's chunks.
-    return geometry(ds.hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
+    return geometry(hidden, ds.token_sample.values, ds.is_visual.values, ds.is_text.values, ok,
                     client=client, scratch=tmp_path_factory.mktemp("scratch") / "s",
                     memory_budget=1, progress=False)
 

@@ -357,9 +357,10 @@ def test_info_counts_survive_files_renamed_while_walking(tmp_path, monkeypatch):
     assert (after["files"], after["bytes"]) == (before["files"], before["bytes"]) and after["ok"] == 4
 
 
-@pytest.mark.parametrize("byte", [b"\xff", b"\r"])  # not UTF-8; a line break only to splitlines
+# not UTF-8; a line break only to splitlines; still JSON but a commit's key changed
+@pytest.mark.parametrize("byte", [b"\xff", b"\r", b"q"])
 def test_a_damaged_commit_line_loses_only_its_segment_and_resume_recaptures_it(tmp_path, byte):
-    # A complete line that is no longer JSON (a flipped byte) hides its own samples only; the
+    # A complete line that is no longer a commit (a flipped byte) hides its own samples only; the
     # commits after it still count, verify names the line, and --resume captures them again
     # without dropping anything committed.
     n_total = 30
@@ -370,11 +371,12 @@ def test_a_damaged_commit_line_loses_only_its_segment_and_resume_recaptures_it(t
     lines = log_path.read_bytes().splitlines(keepends=True)
     assert len(lines) >= 4
     lost = {s["index"] for s in json.loads(lines[1])["samples"]}
-    lines[1] = lines[1][:5] + byte + lines[1][6:]  # same length
+    at = lines[1].index(b'"samples"') + 6 if byte == b"q" else 5  # "samples" -> "samplqs"
+    lines[1] = lines[1][:at] + byte + lines[1][at + 1:]  # same length
     log_path.write_bytes(b"".join(lines))
     ds = open_run(run)
     assert set(ds.sample_index.values) == set(range(n_total)) - lost
-    assert verify_run(run) == ["shard-0000-of-0001: commit line 2 is damaged (not JSON): its samples are not in "
+    assert verify_run(run) == ["shard-0000-of-0001: commit line 2 is damaged (not a commit): its samples are not in "
                                "the view (gap capture --resume captures any missing)"]
     with pytest.raises(GapError, match="pass --resume"):
         RunWriter(run, make_spec(n_total=n_total))
@@ -396,6 +398,29 @@ def test_opens_with_different_chunks_compute_together(tmp_path):
     got_a, got_b = dask.compute(a.hidden.data, b.hidden.data)
     np.testing.assert_array_equal(got_a, got_b)
     assert float(abs(a.hidden - b.hidden).max()) == 0.0
+
+
+def test_hidden_chunks_hold_whole_samples_and_the_graph_does_not_grow_with_them(tmp_path):
+    # three interleaved shards, samples written out of order: one array over the whole view
+    from store.view import sample_chunks
+
+    spec = make_spec("float32", n_total=30)
+    for shard in range(3):
+        with RunWriter(tmp_path / "run", spec, shard=(shard, 3)) as w:
+            for i in reversed(range(shard, 30, 3)):
+                w.put(make_record(i, spec))
+    ds = open_run(tmp_path / "run", chunks=20)
+    n_tokens = ds.n_tokens.values
+    chunks = ds.hidden.data.chunks[1]
+    assert chunks == sample_chunks(n_tokens, 20) and max(chunks) <= max(20, n_tokens.max())
+    edges = set(np.cumsum(chunks).tolist())
+    assert edges <= set((ds.token_start.values + n_tokens).tolist())  # no sample is split
+    assert len(ds.hidden.data.__dask_graph__()) == len(spec.layers) * len(chunks) + 1
+    assert ds.attrs["hidden_layers"] == list(spec.layers)
+    for k in (0, 7, 29):  # any sample's states, selected through its token range
+        a = int(ds.token_start[k])
+        got = ds.hidden.isel(token=slice(a, a + int(n_tokens[k]))).values
+        np.testing.assert_array_equal(got, make_record(int(ds.sample_index[k]), spec).hidden)
 
 
 def test_hidden_part_reads_stepped_token_slices(tmp_path):
@@ -620,3 +645,35 @@ def test_a_retried_failed_sample_replaces_its_record_and_an_ok_one_may_not_be_re
         w.committed_status.clear()
         w.put(records[0])
     assert any("toy/test/0 was committed again after an ok record" in p for p in verify_run(run))
+
+
+def test_verify_leaves_a_live_writers_work_in_progress_alone(tmp_path):
+    # Blocks past the last commit and a half-written line are damage once the writer is gone,
+    # but only work in progress while it holds the shard.
+    import fcntl
+    import shutil
+
+    from store.inspect import run_info
+
+    spec = make_spec(n_total=4)
+    run = tmp_path / "run"
+    with RunWriter(run, spec) as w:
+        for i in range(2):
+            w.put(make_record(i, spec))
+    part = layout.part_dir(run, 0, 1)
+    n_blocks = read_run(run).parts[0].end // spec.block_tokens
+    with open(part / layout.LOCK, "a+") as lock:  # a capture between two commits holds it
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        lock.truncate(0)
+        lock.write("pid 4242 on node7\n")
+        lock.flush()
+        for name, key in ((layout.HIDDEN, layout.hidden_chunk_key), (layout.TOKENS, layout.tokens_chunk_key)):
+            (part / name / key(n_blocks)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(part / name / key(0), part / name / key(n_blocks))
+        with open(part / layout.COMMITS, "ab") as fh:
+            fh.write(b'{"segment": 1, "sta')
+        assert verify_run(run) == []
+        assert run_info(run)["shards"][0]["writer"] == "pid 4242 on node7"
+    problems = "\n".join(verify_run(run))
+    assert "torn commit line" in problems and f"uncommitted leftover chunks [{n_blocks}]" in problems
+    assert run_info(run)["shards"][0]["writer"] is None
