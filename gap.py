@@ -48,14 +48,19 @@ def demo(argv: list[str]) -> int:
     import shutil
     from pathlib import Path
 
+    from schemas.errors import GapError
+
     parser = argparse.ArgumentParser(
         prog="gap demo",
         description="Run the whole pipeline offline on the shipped model organism (a tiny LLaVA "
                     "with a planted modality cliff) and the synthetic dataset: capture with all "
                     "interventions, analysis, checkpoint decisions and a report.")
     parser.add_argument("--out", default="demo", help="output directory (default: ./demo)")
-    parser.add_argument("--cliff", type=int, default=None,
-                        help="which shipped organism (planted cliff layer; default: the demo's)")
+    from capture.organism import SHIPPED_CLIFFS
+
+    parser.add_argument("--cliff", type=int, default=None, choices=SHIPPED_CLIFFS,
+                        help="which shipped organism, by its planted cliff: the first layer whose "
+                             "visual states no longer matter (default: the demo config's, 2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the demo config, e.g. data.limit=16")
     args = parser.parse_args(argv)
@@ -72,11 +77,15 @@ def demo(argv: list[str]) -> int:
         model_path = (Path(__file__).parent / load_config(config).model.path).resolve()
     overrides = [f"model.path={model_path}", *args.overrides]
     out = Path(args.out)
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        raise GapError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path / "organism.json", out / "organism.json")
     run = out / "run"
-    print(f"[demo] organism {model_path.name}: planted cliff "
-          f"{json.loads((out / 'organism.json').read_text())['planted_cliff']}; capturing into {run}")
+    planted = json.loads((out / "organism.json").read_text())["planted_cliff"]
+    print(f"[demo] organism {model_path.name}: visual states matter up to layer {planted - 1} and no "
+          f"longer from layer {planted} on, so expect cliff_layer {planted - 1} (the last layer "
+          f"that still matters); capturing into {run}")
     code = capture_cli.main([str(config), "--out", str(run), "--resume"] +
                             [a for o in overrides for a in ("--set", o)])
     if code:
@@ -94,7 +103,10 @@ def demo(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # a command is missing: usage on stderr, like argparse
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]

@@ -98,9 +98,13 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
     from store import open_run, read_run
 
     state = read_run(run_dir)
+    out = Path(out) if out else Path(run_dir) / "analysis"
+    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+        raise GapError(f"--out {out}: exists and is not a directory")
+    if not any(part.commits for part in state.parts):
+        raise GapError(f"{run_dir}: no committed samples yet; nothing to analyse")
     run = open_run(run_dir)
     cfg = run_config(run, overrides or [])
-    out = Path(out) if out else Path(run_dir) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     ok = results.ok_mask(run)
     if run.attrs.get("n_total", 0) and (ok.sum() < run.attrs["n_total"]):

@@ -179,6 +179,8 @@ def _cp1(ds: Any, cfg: AnalysisConfig) -> dict[str, Any]:
     hard = out["hard"]["drop"] if out["hard"]["drop"] is not None else float("nan")
     easy = out["easy"]["drop"] if out["easy"]["drop"] is not None else float("nan")
     verdict = cp1_verdict(hard, easy, cfg)
+    if verdict == NA:
+        out["reason"] = "no hard samples with truncation results (keyword labels)"
     out["thresholds"] = {"hard_drop_go": cfg.cp1_hard_drop_go, "easy_drop_max": cfg.cp1_easy_drop_max,
                          "hard_drop_marginal": cfg.cp1_hard_drop_marginal}
     return {"verdict": verdict, "passed": verdict == GO, "n": out["hard"]["n"] + out["easy"]["n"], **out}
@@ -202,6 +204,9 @@ def _cp2(ds: Any, cfg: AnalysisConfig) -> dict[str, Any]:
     if judged is None:
         return {"verdict": NA, "passed": False, "n": 0, "reason": "no varying correctness or score",
                 **out}
+    if not _finite(*out[judged]["rho_ci"]):
+        return {"verdict": NA, "passed": False, "n": out[judged]["n"], "judged_on": judged,
+                "reason": f"EVD or {judged} nearly constant: rho has no bootstrap CI", **out}
     rho, p = out[judged]["spearman_rho"], out[judged]["spearman_p"]
     verdict = cp2_verdict(rho, p, cfg)
     return {"verdict": verdict, "passed": verdict == GO, "judged_on": judged, "rho": rho, "p": p,
@@ -276,6 +281,8 @@ def decide(ds: Any, cfg: AnalysisConfig | None = None) -> dict[str, Any]:
     cfg = cfg or AnalysisConfig()
     cp1, cp2, cp3 = _cp1(ds, cfg), _cp2(ds, cfg), _cp3(ds, cfg)
     overall = overall_verdict(cp1["passed"], cp2["passed"], cp3["passed"])
+    if cp1["verdict"] == NA:  # "no measurable failures" would claim what was not measured
+        overall["reading"] = f"CP1 could not be judged: {cp1.get('reason', 'no data')}"
     overall["passed"] = {"cp1": cp1["passed"], "cp2": cp2["passed"], "cp3": cp3["passed"]}
     overall["n"] = int(ds.attrs.get("n_ok", ds.sizes.get("sample", 0)))  # the samples analysed
     return {"cp1": cp1, "cp2": cp2, "cp3": cp3, "overall": overall}

@@ -105,11 +105,18 @@ class Correlation:
         return out
 
 
+# resamples with a constant side (rho undefined) a rho bootstrap CI may leave out: at most the
+# mass of one tail of the 95% interval
+MAX_DEGENERATE_SHARE = 0.025
+
+
 def correlate(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> Correlation:
     """Per-sample Spearman and Pearson correlation of ``x`` with ``y`` (pairs with a NaN dropped).
 
-    The CI is a percentile bootstrap of Spearman's rho over samples.  Correlations are NaN when
-    fewer than three pairs remain or either side is constant.
+    The CI is a percentile bootstrap of Spearman's rho over samples; NaN when more than
+    :data:`MAX_DEGENERATE_SHARE` of the resamples have a constant side (rho undefined there:
+    leaving them out would narrow the interval around the few varying resamples).
+    Correlations are NaN when fewer than three pairs remain or either side is constant.
 
     Examples
     --------
@@ -137,7 +144,8 @@ def correlate(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, seed: int = 0
         a, b = stats.rankdata(rank_x[row]), stats.rankdata(rank_y[row])
         if np.ptp(a) > 0 and np.ptp(b) > 0:
             boots.append(np.corrcoef(a, b)[0, 1])
-    ci = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if boots else (nan, nan)
+    usable = len(boots) >= (1 - MAX_DEGENERATE_SHARE) * len(idx) and boots
+    ci = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if usable else (nan, nan)
     return Correlation(n, float(rho), float(p_rho), float(r), float(p_r), ci)
 
 

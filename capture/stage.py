@@ -185,10 +185,14 @@ def verify(directory: str | Path) -> list[str]:
     >>> import tempfile
     >>> verify(tempfile.mkdtemp())[0].endswith("manifest.json: missing")
     True
+    >>> verify("/nonexistent/staged")
+    ['/nonexistent/staged: no such directory']
     """
     import pyarrow.parquet as pq
 
     root = Path(directory).expanduser()
+    if not root.is_dir():
+        return [f"{root}: {'not a directory' if root.exists() else 'no such directory'}"]
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         return [f"{manifest_path}: missing"]

@@ -110,7 +110,7 @@ class CaptureConfig(Strict):
 
 
 class SlurmAnalysisConfig(Strict):
-    partition: Union[str, None] = "cpu"
+    partition: Union[str, None] = None  # the site's default partition: a CPU job runs anywhere
     cpus: int = Field(default=8, ge=1)
     mem: Union[str, None] = "32G"  # None: no --mem (the site's default, or --mem-per-cpu in extra)
     time: str = "01:00:00"
@@ -187,8 +187,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({_yaml_problem(exc, 'column')})") from None
     return key.strip().split("."), value
+
+
+def _yaml_problem(exc: yaml.YAMLError, where: str = "line") -> str:
+    """What the YAML parser objects to and where (1-based), e.g. "expected ',' or ']' at line 3, column 9".
+
+    >>> try:
+    ...     yaml.safe_load("a: [1, 2")
+    ... except yaml.YAMLError as e:
+    ...     print(_yaml_problem(e))
+    expected ',' or ']', but got '<stream end>' at line 1, column 9
+    """
+    problem = getattr(exc, "problem", None) or exc.__class__.__name__
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return problem
+    at = f"column {mark.column + 1}" if where == "column" else f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"{problem} at {at}"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -247,13 +264,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, str(path))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:  # name the --set that brought the bad key, not the file
+        loc = tuple(str(p) for p in err.errors()[0]["loc"])
+        keys = [tuple(parse_override(item)[0]) for item in overrides or []]
+        by_set = any(loc[:len(k)] == k or k[:len(loc)] == loc for k in keys)
+        raise ConfigError(_format_error(err, "--set" if by_set else str(path))) from None
 
 
 def config_to_yaml(cfg: Config) -> str:

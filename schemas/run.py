@@ -191,7 +191,3 @@ def schema_table() -> str:
         needs = f" (only with `{v.needs}`)" if v.needs else ""
         rows.append(f"| `{v.name}` | {', '.join(v.dims)} | {v.dtype} | {v.fill!r} | {v.doc}{needs} |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(schema_table())

@@ -288,9 +288,12 @@ def render_analysis(slurm: SlurmConfig, *, run_dir: str, gap: Sequence[str],
 
     Examples
     --------
-    >>> s = render_analysis(SlurmConfig(), run_dir="/r", gap=["gap"])
+    >>> s = render_analysis(SlurmConfig(), run_dir="/r", gap=["gap"])  # the site's default partition
     >>> [line for line in s.splitlines() if "--partition" in line or line.startswith("gap analyze")]
-    ['#SBATCH --partition=cpu', 'gap analyze "$RUN" --out "$RUN/analysis" --workers 8 &']
+    ['gap analyze "$RUN" --out "$RUN/analysis" --workers 8 &']
+    >>> s = render_analysis(SlurmConfig(analysis={"partition": "cpu"}), run_dir="/r", gap=["gap"])
+    >>> [line for line in s.splitlines() if "--partition" in line]
+    ['#SBATCH --partition=cpu']
     """
     ana: SlurmAnalysisConfig = slurm.analysis
     _check_resources(ana.mem, ana.time, ana.extra, "slurm.analysis")

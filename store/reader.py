@@ -56,7 +56,7 @@ def read_run(run: str | Path) -> RunState:
     """The committed state of a run; a one-line :class:`GapError` for anything that is not a run."""
     run = Path(run)
     if not run.is_dir():
-        raise GapError(f"{run}: no such run directory")
+        raise GapError(f"{run}: {'not a directory' if run.exists() else 'no such run directory'}")
     root = run / "zarr.json"
     if not root.exists():
         raise GapError(f"{run} is not a gap run (no zarr.json)")

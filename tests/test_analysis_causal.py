@@ -185,6 +185,19 @@ def test_correlate_matches_scipy_and_handles_degenerate_input():
     assert correlate(np.arange(2.0), np.arange(2.0)).n == 2
 
 
+def test_correlate_has_no_ci_when_resamples_are_mostly_constant():
+    # 63 of 64 x equal: a resample misses the odd one out with probability (63/64)^64 ~ 0.37,
+    # and rho is undefined there; the few varying resamples would give a narrow, biased CI
+    x = np.ones(64)
+    x[5] = 2.0
+    c = correlate(x, np.arange(64.0), n_boot=400)
+    assert np.isfinite(c.spearman_rho) and np.isnan(c.rho_ci).all()
+    # two odd ones out of 64 per side... still about 13% constant: no CI; half and half: a CI
+    x[6] = 2.0
+    assert np.isnan(correlate(x, np.arange(64.0), n_boot=400).rho_ci).all()
+    assert np.isfinite(correlate(np.arange(64.0) % 2, np.arange(64.0), n_boot=400).rho_ci).all()
+
+
 def test_subset_means_counts_and_labels():
     v = np.array([[1.0, np.nan], [0.0, 1.0], [1.0, 1.0], [0.5, 0.0]])
     out = subset_means(v, ["hard", "easy", "hard", ""], n_boot=50)

@@ -296,3 +296,24 @@ def test_analyze_imports_without_torch():
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+def test_one_line_errors_for_an_out_file_an_empty_run_and_a_file_as_run(tmp_path, capsys):
+    import gap
+    from store.writer import RunWriter
+    from storekit import make_spec
+
+    run, _ = make_run(tmp_path / "run", n=4, activations=False)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "sub"):
+        assert gap.main(["analyze", str(run), "--out", str(out), "-q"]) == 1
+        assert capsys.readouterr().err.strip() == f"gap analyze: error: --out {out}: exists and is not a directory"
+    with RunWriter(tmp_path / "empty", make_spec(n_total=4)):
+        pass  # started, killed before its first commit
+    assert gap.main(["analyze", str(tmp_path / "empty"), "-q"]) == 1
+    assert capsys.readouterr().err.strip().endswith("empty: no committed samples yet; nothing to analyse")
+    assert gap.main(["analyze", str(afile), "-q"]) == 1
+    assert capsys.readouterr().err.strip().endswith("afile: not a directory")
+    assert gap.main(["demo", "--out", str(afile)]) == 1
+    assert capsys.readouterr().err.strip() == f"gap demo: error: --out {afile}: exists and is not a directory"

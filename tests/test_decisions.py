@@ -210,3 +210,20 @@ def test_decide_overall_n_counts_the_analysed_samples():
     ds = analysis()
     ds.attrs["n_ok"] = 17  # three samples failed at capture (their rows are NaN)
     assert decide(ds, AnalysisConfig(bootstrap=50))["overall"]["n"] == 17
+
+
+def test_decide_cp2_is_na_when_evd_is_nearly_constant():
+    # every sample's EVD the same but one (a model organism with one cliff for all): rho exists,
+    # its bootstrap CI does not; no verdict either way
+    ds = analysis()
+    ds["evd"][:] = 1.0
+    ds["evd"][3] = 2.0
+    out = decide(ds, AnalysisConfig(bootstrap=200))["cp2"]
+    assert out["verdict"] == "N/A" and "nearly constant" in out["reason"] and out["n"] == 20
+
+
+def test_overall_reading_says_when_cp1_could_not_be_judged():
+    out = decide(analysis(n_hard=0, n_easy=20), AnalysisConfig(bootstrap=50))
+    assert out["cp1"]["verdict"] == "N/A" and out["cp1"]["reason"].startswith("no hard samples")
+    assert out["overall"]["verdict"] == "NO-GO"
+    assert out["overall"]["reading"] == "CP1 could not be judged: no hard samples with truncation results (keyword labels)"

@@ -213,8 +213,13 @@ def test_pipeline_truncation_curve_shows_the_cliff(pipeline: dict[str, Any]) -> 
 
 
 def test_pipeline_estimates_the_planted_cliff(pipeline: dict[str, Any]) -> None:
+    # planted k: the first layer whose visual states no longer matter; the cliff layer is the last
+    # one that still does (EVD's convention), by every method
     k, ds = pipeline["k"], pipeline["analysis"]
-    assert abs(float(ds["cliff_layer"]) - k) <= 1
+    assert float(ds["cliff_layer"]) == k - 1
+    by_method = dict(zip(ds["cliff_method"].values.tolist(), ds["cliff_by_method"].values.tolist()))
+    assert by_method["threshold_crossing"] == k - 1
+    assert k - 2 <= by_method["gradient"] <= k - 1  # the steepest step of a fading mean curve
     start, end = (float(ds["transfer_window"].sel(bound=b)) for b in ("start", "end"))
     assert start <= k <= end, (start, end)
     assert (pipeline["out"] / "decision.json").exists()
