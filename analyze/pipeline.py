@@ -163,6 +163,7 @@ class SampleGeometry:
     modality: np.ndarray    # their modality code (0 visual, 1 text, 2 other)
     cka_gram: np.ndarray    # (2, K, K) Gram matrix of the CKA tokens (zero-padded past their count)
     cka_heavy: np.ndarray   # (2, K) which of the CKA tokens are massive here
+    finite: bool = True     # False: NaN/inf among the states, the sample left out at this layer
 
 
 def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k: float,
@@ -187,10 +188,18 @@ def sample_layer_geometry(x: np.ndarray, visual: np.ndarray, text: np.ndarray, k
     >>> g = sample_layer_geometry(x, np.array([1, 1, 1, 1, 0], bool), np.array([0, 0, 0, 0, 1], bool), 100)
     >>> g.massive.tolist(), g.modality.tolist(), g.n_tokens[1].tolist()
     ([4], [1], [1, 0])
+
+    States with NaN or inf (capture marks such samples failed, so a damaged store) leave the sample
+    out at this layer: NaN numbers, no tokens, nothing pooled.
     """
     d = x.shape[1]
     if pools is None:
         pools = [(RowAccumulator(d), RowAccumulator(d)) for _ in range(2)]
+    if not np.isfinite(x).all():
+        return SampleGeometry(np.full((2, 2), np.nan), np.full((2, 2), np.nan), np.zeros((2, 2), np.int64),
+                              np.full((2, 2, d), np.nan, np.float32), np.zeros(0, np.int64), np.zeros(0),
+                              np.zeros(0, np.int64), np.zeros((2, cka_tokens, cka_tokens), np.float32),
+                              np.zeros((2, cka_tokens), bool), finite=False)
     # float64 norms: the ICC divides by them (the massive mask would not need it).
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     median = float(np.median(norms)) if norms.size else 0.0
@@ -258,6 +267,7 @@ class GeometryPartial:
     massive: np.ndarray     # (m, 5): sample, token (in view), layer position, modality, ratio
     cka_gram: np.ndarray    # (n_b, 2, Lg, K, K) float32
     cka_heavy: np.ndarray   # (n_b, 2, Lg, K)
+    nonfinite: np.ndarray   # (n_b, Lg) the sample's states hold NaN/inf at that layer
 
 
 def geometry_task(parts: list[list[np.ndarray]], batch: Batch, batch_id: int, layer_start: int,
@@ -278,7 +288,7 @@ def geometry_task(parts: list[list[np.ndarray]], batch: Batch, batch_id: int, la
                           np.full((n_b, n_layers, 2, 2), np.nan), np.zeros((n_b, n_layers, 2, 2), np.int64),
                           np.full((n_b, n_layers, 2, 2, d), np.nan, np.float32), np.zeros((0, 5)),
                           np.zeros((n_b, 2, n_layers, cka_tokens, cka_tokens), np.float32),
-                          np.zeros((n_b, 2, n_layers, cka_tokens), bool))
+                          np.zeros((n_b, 2, n_layers, cka_tokens), bool), np.zeros((n_b, n_layers), bool))
     # the same tokens at every layer: chosen once per sample
     cka_rows = [[cka_token_subset(int(mask[a:b].sum()), cka_tokens, int(sample)) for mask in (visual, text)]
                 for sample, (a, b) in zip(batch.samples, bounds)]
@@ -292,6 +302,7 @@ def geometry_task(parts: list[list[np.ndarray]], batch: Batch, batch_id: int, la
             res.er[si, li], res.icc[si, li], res.n_tokens[si, li], res.pooled[si, li] = \
                 g.er, g.icc, g.n_tokens, g.pooled
             res.cka_gram[si, :, li], res.cka_heavy[si, :, li] = g.cka_gram, g.cka_heavy
+            res.nonfinite[si, li] = not g.finite
             if g.massive.size:
                 massive.append(np.column_stack([np.full(g.massive.size, batch.samples[si]),
                                                 batch.offset + lo + a + g.massive,
@@ -412,6 +423,7 @@ class GeometryResult:
     cka_modality: np.ndarray                # (L, 2 variant)
     cka_layers: np.ndarray                  # (2 modality, 2 variant, L, L)
     massive: np.ndarray                     # (m, 5) sample, token, layer position, modality, ratio
+    nonfinite: np.ndarray                   # (n, L) NaN/inf states: the sample left out there
     n_cka: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # pass / pooled_eig / cka wall times
 
@@ -486,7 +498,8 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
     out = GeometryResult(layer_values, np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, np.int64),
                          np.full((n_layers, 2, 2), np.nan), np.zeros((n_layers, 2, 2), np.int64),
                          np.full((n_layers, 2), np.nan), np.full((2, 2, n_layers, n_layers), np.nan),
-                         np.zeros((0, 5)), seconds={"pass": 0.0, "pooled_eig": 0.0, "cka": 0.0})
+                         np.zeros((0, 5)), np.zeros((n, n_layers), bool),
+                         seconds={"pass": 0.0, "pooled_eig": 0.0, "cka": 0.0})
     bar = _progress(len(batches) * len(groups), progress)
     prefix = f"geometry-{uuid.uuid4().hex}"
     massive: list[np.ndarray] = []
@@ -528,6 +541,11 @@ def geometry(hidden: Any, token_sample: np.ndarray, is_visual: np.ndarray, is_te
         if completed:  # otherwise the next pass over the same samples resumes from here
             shutil.rmtree(scratch, ignore_errors=True)
     out.massive = np.concatenate(massive) if massive else np.zeros((0, 5))
+    if out.nonfinite.any():
+        bad = np.flatnonzero(out.nonfinite.any(axis=1))
+        log.warning("%d samples have NaN/inf hidden states (a damaged store? gap store verify --data), left "
+                    "out of the geometry at those layers: %s", bad.size, ", ".join(
+                        f"sample {s} layers {layer_values[out.nonfinite[s]].tolist()}" for s in bad[:5]))
     return out
 
 
@@ -560,7 +578,8 @@ def _save_group(path: Path, out: GeometryResult, layers: slice, massive: np.ndar
     partial = path.with_name(f".{path.name}.partial")
     with open(partial, "wb") as f:
         np.savez(f, er=out.er_sample[:, layers], icc=out.icc[:, layers], n_tokens=out.n_tokens[:, layers],
-                 er_pooled=out.er_pooled[layers], n_pooled=out.n_pooled[layers], massive=massive)
+                 er_pooled=out.er_pooled[layers], n_pooled=out.n_pooled[layers], massive=massive,
+                 nonfinite=out.nonfinite[:, layers])
     os.replace(partial, path)  # a group is either saved whole or not at all
 
 
@@ -569,6 +588,7 @@ def _load_group(path: Path, out: GeometryResult, layers: slice) -> np.ndarray:
         out.er_sample[:, layers], out.icc[:, layers] = saved["er"], saved["icc"]
         out.n_tokens[:, layers] = saved["n_tokens"]
         out.er_pooled[layers], out.n_pooled[layers] = saved["er_pooled"], saved["n_pooled"]
+        out.nonfinite[:, layers] = saved["nonfinite"]
         return saved["massive"]
 
 
@@ -602,6 +622,7 @@ class _GroupPass:
             future.release()
             rows = part.samples
             out.er_sample[rows, lsl], out.icc[rows, lsl], out.n_tokens[rows, lsl] = part.er, part.icc, part.n_tokens
+            out.nonfinite[rows, lsl] = part.nonfinite
             self.pooled[lsl, :, :, rows] = np.moveaxis(part.pooled, 0, 3)
             self.grams.gram[rows, :, lsl], self.grams.heavy[rows, :, lsl] = part.cka_gram, part.cka_heavy
             if part.massive.size:
@@ -641,7 +662,8 @@ def _cka(pooled: np.ndarray, grams: TokenGrams, ntok: np.ndarray) -> tuple[np.nd
             x = np.asarray(pooled[layer, 0, v][both])
             y = np.asarray(pooled[layer, 1, v][both])
             cka_mod[layer, v] = cka_matrix([x, y])[0, 1]
-    cka_lay, used = layer_cka(grams, ntok[:, 0, :, 0])
+    # a sample's CKA tokens at every layer (none where its states were not finite: left out)
+    cka_lay, used = layer_cka(grams, ntok[:, :, :, 0].min(axis=1))
     for m, modality in enumerate(MODALITIES):
         for v, variant in enumerate(VARIANTS):
             n_cka[f"layers_{modality}_{variant}"] = int(used[m, v])

@@ -168,6 +168,7 @@ def geometry_variables(geo: Any, cfg: AnalysisConfig) -> Part:
             f"cka_layers{suffix}": (("modality", "layer", "layer2"), geo.cka_layers[:, v]),
         })
     variables["geometry_n_tokens"] = (("sample", "layer", "modality"), geo.n_tokens[..., 0])
+    variables["hidden_nonfinite"] = (("sample", "layer"), geo.nonfinite)
     variables["n_massive"] = (("sample", "layer", "modality"), geo.n_tokens[..., 0] - geo.n_tokens[..., 1])
     m = geo.massive
     layer_of = np.asarray(geo.layers)

@@ -307,3 +307,34 @@ def test_a_stopped_pass_resumes_from_its_finished_layer_groups(run, client, geo,
                      **args(tmp_path / "u"))
     assert ran == [0, 1, 2, 3]
     np.testing.assert_allclose(again.cka_layers, geo.cka_layers, rtol=1e-9)
+
+
+def test_non_finite_states_leave_the_sample_out_at_that_layer_only(client, tmp_path):
+    # Capture marks NaN/inf samples failed, so NaN in a store is damage: the pass goes on without
+    # that sample at that layer, and says so.
+    import xarray as xr
+
+    rng = np.random.default_rng(3)
+    n, per, layers, d = 5, 12, 3, 8
+    clean = rng.standard_normal((layers, n * per, d)).astype(np.float32)
+    token_sample = np.repeat(np.arange(n), per)
+    visual = np.tile([True] * 8 + [False] * 4, n)
+    damaged = clean.copy()
+    damaged[1, 2 * per + 3, 5] = np.nan  # sample 2 at layer position 1
+
+    def run(values, ok, name):
+        hidden = xr.DataArray(values, dims=("layer", "token", "hidden_dim"), coords={"layer": [0, 4, 8]})
+        return geometry(hidden, token_sample, visual, ~visual, ok, client=client, scratch=tmp_path / name,
+                        progress=False)
+
+    got = run(damaged, np.ones(n, bool), "damaged")
+    ref = run(clean, np.ones(n, bool), "clean")
+    without = run(clean, np.arange(n) != 2, "without")
+    assert got.nonfinite.tolist() == [[s == 2 and li == 1 for li in range(layers)] for s in range(n)]
+    assert np.isnan(got.er_sample[2, 1]).all() and (got.n_tokens[2, 1] == 0).all()
+    np.testing.assert_allclose(got.er_sample[2, [0, 2]], ref.er_sample[2, [0, 2]], rtol=1e-6)
+    np.testing.assert_allclose(got.er_pooled[1], without.er_pooled[1], rtol=1e-6)  # left out there
+    np.testing.assert_allclose(got.er_pooled[[0, 2]], ref.er_pooled[[0, 2]], rtol=1e-6)  # kept elsewhere
+    # the paired maps need the sample at every layer: the same as without it
+    np.testing.assert_allclose(got.cka_layers, without.cka_layers, rtol=1e-6)
+    np.testing.assert_allclose(got.cka_modality, without.cka_modality, rtol=1e-6)
