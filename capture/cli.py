@@ -162,6 +162,11 @@ def main(argv: list[str]) -> int:
         shard, n_shards = parse_shard(args.shard)
     except ValueError as exc:
         raise GapError(str(exc)) from None
+    from store.writer import RunWriter, preflight
+
+    out = Path(args.out)
+    # what the run store and the config decide fails now, not after minutes of model loading
+    preflight(out, cfg, (shard, n_shards), resume=args.resume)
     stop = StopFlag()
     stop.install()
 
@@ -170,13 +175,15 @@ def main(argv: list[str]) -> int:
     from capture.datasets import open_dataset
     from capture.family import load_model
     from capture.runner import CaptureRunner, make_spec
-    from store.writer import RunWriter
 
     dataset = open_dataset(cfg.data)
     rows = shard_indices(len(dataset), shard, n_shards)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own bars ("Loading weights")
     loaded = load_model(cfg.model)
     spec = make_spec(cfg, loaded, n_total=len(dataset))
-    out = Path(args.out)
     t0 = time.perf_counter()
     with RunWriter(out, spec, shard=(shard, n_shards), resume=args.resume) as writer:
         retry = ({r for r, status in writer.committed_status.items() if status in RETRYABLE}
@@ -202,8 +209,9 @@ def main(argv: list[str]) -> int:
           f"{stats.n_tokens} tokens in {elapsed:.0f} s")
     if writer.bytes_written:
         print(f"gap capture: {_store_line(writer.bytes_written, elapsed, writer.wait_seconds)}")
-    print(f"gap capture: shard {shard}/{n_shards} holds {sum(counts.values())} of {len(rows)} samples: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    held = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(f"gap capture: shard {shard}/{n_shards} holds {sum(counts.values())} of {len(rows)} samples"
+          + (f": {held}" if held else ""))
     for line in stats.first_errors:
         print(f"  failed: {line}")
     if stats.stopped_early:

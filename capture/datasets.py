@@ -101,6 +101,7 @@ def to_rgb(value: Any, sample_id: str, base: Path | None = None) -> Image.Image:
         value = data if data else path
         if value is None:
             raise DataError(sample_id, "image record has neither bytes nor path")
+    file = None  # the image's file on disk, named in its errors
     try:
         with warnings.catch_warnings():
             # We apply our own pixel limit below with a clearer message.
@@ -110,10 +111,10 @@ def to_rgb(value: Any, sample_id: str, base: Path | None = None) -> Image.Image:
             elif isinstance(value, (bytes, bytearray, memoryview)):
                 img = Image.open(io.BytesIO(bytes(value)))
             else:
-                path = Path(value)
-                if not path.is_absolute() and base is not None:
-                    path = base / path
-                img = Image.open(path)
+                file = Path(value)
+                if not file.is_absolute() and base is not None:
+                    file = base / file
+                img = Image.open(file)
             width, height = img.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise DataError(sample_id, f"image is {width}x{height} = "
@@ -125,10 +126,11 @@ def to_rgb(value: Any, sample_id: str, base: Path | None = None) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise DataError(sample_id, f"image refused as a decompression bomb ({exc})") from None
     except FileNotFoundError:
-        raise DataError(sample_id, f"image file not found: {value}") from None
+        raise DataError(sample_id, f"image file not found: {file}") from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoders raise all three
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise DataError(sample_id, f"image is not readable ({reason})") from None
+        named = f" {file}" if file is not None and str(file) not in reason else ""
+        raise DataError(sample_id, f"image{named} is not readable ({reason})") from None
     return _convert(ImageOps.exif_transpose(img))
 
 
@@ -160,6 +162,12 @@ class _Source:
     base: Path
     n_rows: int
     columns: list[str]
+    paths: list[Path]  # the split's files, in row order
+    file_starts: list[int]  # the first row of each file
+
+    def file_of(self, i: int) -> Path:
+        """The file holding row ``i`` (named in the errors of reading it)."""
+        return self.paths[bisect_right(self.file_starts, i) - 1]
 
     def row(self, i: int, columns: list[str]) -> dict[str, Any]:
         raise NotImplementedError
@@ -181,15 +189,21 @@ class _ParquetSource(_Source):
     def __init__(self, files: list[Path]) -> None:
         import pyarrow.parquet as pq
 
-        self.base = files[0].parent
-        self.files = [pq.ParquetFile(f) for f in files]
+        self.base, self.paths = files[0].parent, files
+        self.files = []
+        for f in files:
+            try:
+                self.files.append(pq.ParquetFile(f))
+            except (OSError, ValueError) as exc:  # pyarrow's IO / Invalid: truncated, not parquet
+                raise _unreadable(f, "parquet", exc) from None
         # a column missing from one shard would read as absent in its rows only: count only
         # the columns every file has, so that _check_columns names the missing one at open
         names = [pf.schema_arrow.names for pf in self.files]
         self.columns = [c for c in names[0] if all(c in n for n in names[1:])]
         self.groups: list[tuple[int, int]] = []
-        starts = [0]
+        starts, self.file_starts = [0], []
         for k, pf in enumerate(self.files):
+            self.file_starts.append(starts[-1])
             for g in range(pf.metadata.num_row_groups):
                 self.groups.append((k, g))
                 starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
@@ -223,6 +237,28 @@ class _ParquetSource(_Source):
         return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
+def _unreadable(path: Path, kind: str, exc: Exception) -> ConfigError:
+    """One line naming a split file that cannot be opened, with the reader's first sentence."""
+    reason = str(exc).splitlines()[0].split(". ")[0].rstrip(".") if str(exc) else type(exc).__name__
+    return ConfigError(f"data.path: {path}: not a readable {kind} file ({reason})")
+
+
+def _read_arrow(path: Path) -> Any:
+    """An Arrow IPC file as a table over its memory map: the stream format (``save_to_disk``,
+    the ``datasets`` cache), else the file format."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    except (OSError, ValueError) as exc:  # pyarrow's IO / Invalid
+        stream_error = exc
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except (OSError, ValueError):
+        # a stream cut short also fails as a file ("Not an Arrow file"): the stream's reason tells more
+        raise _unreadable(path, "Arrow", stream_error) from None
+
+
 def _struct_fields(pf: Any, column: str) -> list[str]:
     import pyarrow as pa
 
@@ -236,14 +272,9 @@ class _ArrowSource(_Source):
     def __init__(self, files: list[Path]) -> None:
         import pyarrow as pa
 
-        self.base = files[0].parent
-        tables = []
-        for f in files:
-            source = pa.memory_map(str(f))
-            try:
-                tables.append(pa.ipc.open_stream(source).read_all())
-            except pa.ArrowInvalid:
-                tables.append(pa.ipc.open_file(pa.memory_map(str(f))).read_all())
+        self.base, self.paths = files[0].parent, files
+        tables = [_read_arrow(f) for f in files]
+        self.file_starts = np.cumsum([0] + [t.num_rows for t in tables[:-1]]).tolist()
         self.table = pa.concat_tables(tables)  # zero-copy over the maps, nothing is read yet
         self.columns = self.table.column_names
         self.n_rows = self.table.num_rows
@@ -261,7 +292,7 @@ class _ImagefolderSource(_Source):
     """``SPLIT/metadata.jsonl`` rows (text only, kept in memory) with images beside them."""
 
     def __init__(self, metadata: Path) -> None:
-        self.base = metadata.parent
+        self.base, self.paths, self.file_starts = metadata.parent, [metadata], [0]
         self.rows = []
         with metadata.open() as fh:
             for line_no, line in enumerate(fh, 1):
@@ -597,7 +628,8 @@ def open_dataset(data_cfg: DataConfig) -> Dataset:
         try:
             record = source.row(row, columns)
         except (OSError, ValueError) as exc:  # a damaged row group (pyarrow's IO / Invalid)
-            raise DataError(sample_id, f"row not readable ({str(exc).splitlines()[0]})") from None
+            raise DataError(sample_id, f"row not readable from {source.file_of(row)} "
+                                       f"({str(exc).splitlines()[0]})") from None
         return _row_to_sample(data_cfg.name, spec, record, sample_id, source.base)
 
     log.info("%s/%s: %d of %d rows selected from %s", data_cfg.name, data_cfg.split, len(rows),

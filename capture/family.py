@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,54 @@ def _revision(path: str, config: Any, requested: str | None) -> str | None:
     return match.group(1) if match else requested
 
 
+# What a hub repo id looks like ("llava-hf/llava-1.5-7b-hf"): a path of this form that is not
+# a local directory goes to transformers, which looks it up in the offline hub cache.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _checkpoint_path(path: str) -> str:
+    """Where ``from_pretrained`` loads ``model.path`` from: a local directory (``~`` expanded)
+    or a hub id, as given.
+
+    Parameters
+    ----------
+    path : str
+        ``model.path``.
+
+    Returns
+    -------
+    str
+        The directory, or the hub id.
+
+    Raises
+    ------
+    GapError
+        A path that is clearly local (absolute, ``./``, ``../``, ``~``, or several components)
+        and does not exist, or a directory without ``config.json``: one line at once, instead of
+        transformers' complaint about a malformed repo id or a missing ``model_type``.
+
+    Examples
+    --------
+    >>> _checkpoint_path("llava-hf/llava-1.5-7b-hf")
+    'llava-hf/llava-1.5-7b-hf'
+    >>> _checkpoint_path("/nonexistent/llava")
+    Traceback (most recent call last):
+    ...
+    schemas.errors.GapError: model.path /nonexistent/llava: no such directory
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise GapError(f"model.path {path}: no config.json (not a transformers checkpoint directory)")
+        return str(local)
+    if local.exists():
+        raise GapError(f"model.path {path}: not a directory")
+    if (local.is_absolute() or path.startswith(("./", "../", "~"))
+            or (os.sep in path and not _HUB_ID.fullmatch(path))):
+        raise GapError(f"model.path {path}: no such directory")
+    return path
+
+
 def _max_memory(spec: dict[str, str] | None) -> dict[Any, str] | None:
     # accelerate wants GPU indices as ints ("0": "70GiB" in YAML -> 0: "70GiB").
     if not spec:
@@ -230,6 +279,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     >>> loaded.info["family"], loaded.n_layers, len(loaded.layers())
     ('qwen2_vl', 2, 2)
     """
+    path = _checkpoint_path(cfg.path)  # before the imports: a wrong path fails at once
+
     import torch
     import transformers
     from transformers import AutoConfig, AutoProcessor
@@ -238,7 +289,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.trust_remote_code:
         common["trust_remote_code"] = True
     try:
-        config = AutoConfig.from_pretrained(cfg.path, **common)
+        config = AutoConfig.from_pretrained(path, **common)
     except (OSError, ValueError) as exc:
         raise GapError(f"model.path {cfg.path}: cannot read the model config "
                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
@@ -254,11 +305,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     model_cls = getattr(transformers, adapter.model_class)
-    log.info("loading %s (%s) from %s", adapter.family, config.model_type, cfg.path)
-    processor = AutoProcessor.from_pretrained(cfg.path, **common)
-    model = model_cls.from_pretrained(cfg.path, **kwargs).eval()
+    log.info("loading %s (%s) from %s", adapter.family, config.model_type, path)
+    processor = AutoProcessor.from_pretrained(path, **common)
+    model = model_cls.from_pretrained(path, **kwargs).eval()
     return wrap_model(model, processor, adapter, path=str(cfg.path),
-                      revision=_revision(cfg.path, model.config, cfg.revision),
+                      revision=_revision(path, model.config, cfg.revision),
                       attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
 
 

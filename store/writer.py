@@ -38,8 +38,9 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import KeysView
+from collections.abc import Iterator, KeysView
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -154,35 +155,115 @@ def _with_current_defaults(attrs: dict[str, Any]) -> dict[str, Any]:
         return attrs
 
 
+@contextmanager
+def _access_errors(run: Path) -> Iterator[None]:
+    """Turn a permission or read-only filesystem error about ``run`` into one line; other
+    ``OSError``s are real I/O failures and go on as they are."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise GapError(f"cannot write to {run}: {os.strerror(exc.errno).lower()} (read-only path?)") from None
+
+
+def _check_out(run: Path) -> None:
+    """Refuse an ``--out`` that is (or lies under) a file, or a folder holding something else."""
+    for path in (run, *run.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == run else f"{path} "
+                raise GapError(f"--out {run}: {where}exists and is not a directory")
+            break
+    # Leftovers of our own atomic writes start with a dot, and `gap slurm submit` writes its
+    # scripts and config copy to slurm/ before the first task; anything else is foreign.
+    if run.exists() and not (run / "zarr.json").exists() and any(
+            not p.name.startswith(".") and p.name != "slurm" for p in run.iterdir()):
+        raise GapError(f"{run} exists and is not a gap run (no zarr.json); choose another --out")
+
+
+def _stored_attrs(run: Path) -> dict[str, Any]:
+    """The ``gap`` attrs of the run whose root ``zarr.json`` exists."""
+    stored = layout.read_json(run / "zarr.json").get("attributes", {}).get("gap")
+    if stored is None:
+        raise GapError(f"{run} is a Zarr group but not a gap run (no 'gap' attrs)")
+    return stored
+
+
+def _check_matches(run: Path, stored: dict[str, Any], attrs: dict[str, Any], n_shards: int,
+                   keys: tuple[str, ...] | None = None) -> None:
+    """Refuse a run whose stored attrs differ from ``attrs`` (on ``keys`` only, when given) or
+    that was started with another shard count."""
+    theirs = _comparable(_with_current_defaults(stored))
+    ours = _comparable(layout.json_roundtrip(attrs))
+    if keys is not None:
+        theirs, ours = ({k: d.get(k) for k in keys} for d in (theirs, ours))
+    diff = first_difference(theirs, ours)
+    if diff:
+        raise GapError(f"{run} was made with a different model or config: '{diff}' differs; "
+                       "use another --out or the same config")
+    if stored.get("n_shards") != n_shards:
+        raise GapError(f"{run} was started with {stored.get('n_shards')} shards, not {n_shards}")
+
+
+def _refuse_committed(run: Path, shard: tuple[int, int], commit_log: layout.CommitLog) -> None:
+    """Refuse to start afresh a shard whose commit log holds commits (or damaged lines)."""
+    if commit_log.commits or commit_log.damaged:
+        n = sum(len(c["samples"]) for c in commit_log.commits)
+        raise GapError(f"shard {shard[0]}/{shard[1]} of {run} already has {n} committed "
+                       "samples; pass --resume to continue it")
+
+
+def preflight(run: str | Path, config: Config, shard: tuple[int, int] = (0, 1), resume: bool = False) -> None:
+    """Refuse, reading only, what the run store and the config decide without the model.
+
+    ``gap capture`` calls this before loading the model (minutes for a large checkpoint on a GPU
+    allocation). :class:`RunWriter` makes the same checks through the same helpers when it opens
+    (:func:`ensure_run` on the whole spec, the commit log under the shard's lock), so the one-line
+    errors are the same whichever comes first.
+
+    Parameters
+    ----------
+    run : str or pathlib.Path
+        The run directory (``--out``); it need not exist.
+    config : schemas.config.Config
+        The capture's config, compared with the run's on its run-invariant part.
+    shard : tuple of int
+        ``(shard, n_shards)`` to write.
+    resume : bool
+        Whether committed samples of the shard may be there (``--resume``).
+
+    Raises
+    ------
+    GapError
+        ``run`` is (or lies under) a file or a foreign folder; the run was made with another
+        config or shard count; the shard has committed samples and ``resume`` is False.
+    """
+    run = Path(run)
+    with _access_errors(run):
+        _check_out(run)
+        if (run / "zarr.json").exists():
+            # the part of the run's attrs that the config alone decides
+            attrs = {"config": invariant_view(config), "schema_version": SCHEMA_VERSION}
+            _check_matches(run, _stored_attrs(run), attrs, shard[1], keys=tuple(attrs))
+        commits = layout.part_dir(run, *shard) / layout.COMMITS
+        if not resume and commits.exists():
+            _refuse_committed(run, shard, layout.parse_commit_log(commits.read_bytes()))
+
+
 def ensure_run(run: Path, spec: RunSpec, n_shards: int) -> dict[str, Any]:
     """Create the run's root group, or check that an existing run measures the same thing."""
     run = Path(run)
-    try:
-        # Leftovers of our own atomic writes start with a dot, and `gap slurm submit` writes its
-        # scripts and config copy to slurm/ before the first task; anything else is foreign.
-        if run.exists() and not (run / "zarr.json").exists() and any(
-                not p.name.startswith(".") and p.name != "slurm" for p in run.iterdir()):
-            raise GapError(f"{run} exists and is not a gap run (no zarr.json); choose another --out")
+    with _access_errors(run):
+        _check_out(run)
         layout.make_dirs(run)
         layout.fsync_dir(run.parent)  # the run's own name, also when something else made the folder
         attrs = {**spec.attrs(), "n_shards": n_shards, "provenance": provenance()}
         layout.create_json_exclusive(run / "zarr.json", layout.group_metadata({"gap": attrs}))
         layout.make_dirs(run / layout.PARTS)
         layout.create_json_exclusive(run / layout.PARTS / "zarr.json", layout.group_metadata({}))
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        raise GapError(f"cannot write to {run}: {os.strerror(exc.errno).lower()} (read-only path?)") from None
-    stored = layout.read_json(run / "zarr.json").get("attributes", {}).get("gap")
-    if stored is None:
-        raise GapError(f"{run} is a Zarr group but not a gap run (no 'gap' attrs)")
-    diff = first_difference(_comparable(_with_current_defaults(stored)),
-                            _comparable(layout.json_roundtrip(spec.attrs())))
-    if diff:
-        raise GapError(f"{run} was made with a different model or config: '{diff}' differs; "
-                       "use another --out or the same config")
-    if stored.get("n_shards") != n_shards:
-        raise GapError(f"{run} was started with {stored.get('n_shards')} shards, not {n_shards}")
+    stored = _stored_attrs(run)
+    _check_matches(run, stored, spec.attrs(), n_shards)
     return stored
 
 
@@ -315,11 +396,10 @@ class RunWriter:
         """
         path = self.dir / layout.COMMITS
         data = path.read_bytes() if path.exists() else b""
-        commits, good, damaged = layout.parse_commit_log(data)
-        if (commits or damaged) and not resume:
-            n = sum(len(c["samples"]) for c in commits)
-            raise GapError(f"shard {self.shard}/{self.n_shards} of {self.run} already has {n} committed "
-                           "samples; pass --resume to continue it")
+        commit_log = layout.parse_commit_log(data)
+        commits, good, damaged = commit_log
+        if not resume:
+            _refuse_committed(self.run, (self.shard, self.n_shards), commit_log)
         if damaged:
             log.warning("%s: commit line(s) %s damaged; their samples will be captured again", path,
                         ", ".join(str(n) for n, _ in damaged))

@@ -593,6 +593,111 @@ def test_retry_failed_recaptures_non_data_failures(tiny_checkpoint, tmp_path, mo
     np.testing.assert_array_equal(ds["input_ids"].values, ref["input_ids"].values)
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """``gap capture`` must not load a model: ``load_model`` fails the test if it is called."""
+    import capture.family
+
+    def load_model(cfg):
+        raise AssertionError("load_model was called")
+
+    monkeypatch.setattr(capture.family, "load_model", load_model)
+
+
+@pytest.fixture
+def signal_handlers():
+    """Restore the SIGTERM / SIGUSR1 handlers that ``gap capture`` installs."""
+    import signal
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in old.items():
+        signal.signal(s, handler)
+
+
+def _store_only_config(tmp_path):
+    """A `gap capture` config whose checkpoint is never loaded (4 synthetic samples)."""
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": "/models/never_loaded"},
+                                      "data": {"name": "synthetic", "limit": 4}}))
+    return config
+
+
+def test_cli_out_that_is_a_file_fails_before_the_model_loads(tmp_path, no_model, signal_handlers):
+    from capture import cli
+
+    config = _store_only_config(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("not a run")
+    with pytest.raises(GapError) as err:
+        cli.main([str(config), "--out", str(afile)])
+    assert str(err.value) == f"--out {afile}: exists and is not a directory"
+    with pytest.raises(GapError) as err:
+        cli.main([str(config), "--out", str(afile / "sub")])
+    assert str(err.value) == f"--out {afile / 'sub'}: {afile} exists and is not a directory"
+
+
+def test_cli_store_checks_fail_before_the_model_loads(tmp_path, no_model, signal_handlers):
+    # what the run store and the config decide must not wait for a 30B checkpoint to load
+    from capture import cli
+    from schemas.config import load_config
+    from schemas.run import failed_record
+    from store.writer import RunSpec
+
+    config = _store_only_config(tmp_path)
+    run = tmp_path / "run"
+    spec = RunSpec(config=load_config(config), model_info={"family": "toy"}, layers=[], hidden_size=4,
+                   hidden_encoding="float32", n_total=4)
+    with RunWriter(run, spec) as writer:
+        writer.put(failed_record(0, "synthetic/test/0", "unreadable", status="data_error"))
+    for args, message in [
+            ([], f"shard 0/1 of {run} already has 1 committed samples; pass --resume to continue it"),
+            (["--shard", "0/2"], f"{run} was started with 1 shards, not 2"),
+            (["--resume", "--set", "data.limit=5"],
+             (f"{run} was made with a different model or config: 'config.data.limit' differs; "
+              "use another --out or the same config"))]:
+        with pytest.raises(GapError) as err:
+            cli.main([str(config), "--out", str(run), *args])
+        assert str(err.value) == message
+
+
+def test_cli_no_progress_silences_transformers_bars(tmp_path, monkeypatch, signal_handlers):
+    # transformers' "Loading weights" bar is its own tqdm: --no-progress turns it off too
+    from transformers.utils import logging as hf_logging
+
+    import capture.family
+    from capture import cli
+
+    seen = []
+
+    def load_model(cfg):
+        seen.append(hf_logging.is_progress_bar_enabled())
+        raise GapError("stop here")
+
+    monkeypatch.setattr(capture.family, "load_model", load_model)
+    config = _store_only_config(tmp_path)
+    hf_logging.enable_progress_bar()  # an earlier --no-progress run in this process turned it off
+    try:
+        with pytest.raises(GapError, match="stop here"):
+            cli.main([str(config), "--out", str(tmp_path / "run")])
+        with pytest.raises(GapError, match="stop here"):
+            cli.main([str(config), "--out", str(tmp_path / "run"), "--no-progress"])
+    finally:
+        hf_logging.enable_progress_bar()
+    assert seen == [True, False]
+
+
+def test_cli_summary_of_an_empty_shard(tiny_checkpoint, tmp_path, capsys, signal_handlers):
+    from capture import cli
+
+    config = _cli_config(tiny_checkpoint, tmp_path, limit=0)
+    assert cli.main([str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "gap capture: shard 0/1 holds 0 of 0 samples" in lines
+
+
 def test_writer_refuses_a_sample_committed_ok(tmp_path):
     from tests.storekit import make_record, make_spec as store_spec
 

@@ -414,4 +414,48 @@ def test_damaged_row_group_fails_only_its_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", damaged)
     out = list(ds.iter_indices(range(4)))
     assert [isinstance(s, dict) for s in out] == [True, True, False, False]
-    assert str(out[2]) == "chartqa/test/2: row not readable (Corrupt snappy compressed data.)"
+    assert str(out[2]) == (f"chartqa/test/2: row not readable from {ds_file(tmp_path)} "
+                           "(Corrupt snappy compressed data.)")
+
+
+def ds_file(root: Path) -> Path:
+    """The one parquet file of :func:`chartqa_dir`'s test split."""
+    return root / "data" / "test-00000-of-00001.parquet"
+
+
+def test_a_truncated_parquet_file_is_named_at_open(tmp_path):
+    path = ds_file(chartqa_dir(tmp_path))
+    path.write_bytes(path.read_bytes()[:500])  # a copy that stopped half way
+    with pytest.raises(ConfigError) as err:
+        open_dataset(cfg("chartqa", tmp_path))
+    assert str(err.value) == (f"data.path: {path}: not a readable parquet file "
+                              "(Parquet magic bytes not found in footer)")
+
+
+def test_a_truncated_arrow_file_is_named_at_open(tmp_path):
+    path = tmp_path / "test" / "data-00000-of-00001.arrow"
+    path.parent.mkdir()
+    table = pa.table({"image": [image_cell(png())] * 50, "query": ["q"] * 50, "label": [["1"]] * 50},
+                     schema=pa.schema([("image", IMAGE_TYPE), ("query", pa.string()),
+                                       ("label", pa.list_(pa.string()))]))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    path.write_bytes(path.read_bytes()[:400])
+    with pytest.raises(ConfigError) as err:
+        open_dataset(cfg("chartqa", tmp_path))
+    assert str(err.value).startswith(f"data.path: {path}: not a readable Arrow file (")
+    assert "\n" not in str(err.value)
+
+
+def test_an_unreadable_image_file_is_named(tmp_path):
+    split = tmp_path / "test"
+    split.mkdir()
+    (split / "0.png").write_bytes(png(size=(64, 64))[:60])  # truncated on disk
+    (split / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "query": "q", "label": ["1"]}))
+    with pytest.raises(DataError) as err:
+        open_dataset(cfg("chartqa", tmp_path))[0]
+    assert str(err.value).startswith(f"chartqa/test/0: image {split / '0.png'} is not readable (")
+    (split / "0.png").unlink()
+    with pytest.raises(DataError) as err:
+        open_dataset(cfg("chartqa", tmp_path))[0]
+    assert str(err.value) == f"chartqa/test/0: image file not found: {split / '0.png'}"

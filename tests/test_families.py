@@ -79,10 +79,43 @@ def test_dtype_is_applied(tiny_checkpoint):
     assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
-def test_missing_checkpoint_is_one_line(tmp_path):
+def test_missing_checkpoint_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for path in (str(tmp_path / "nowhere"), "./nowhere", "../nowhere", "~/nowhere", "models/org/name"):
+        with pytest.raises(GapError) as err:
+            load_model(ModelConfig(path=path, dtype="float32"))
+        assert str(err.value) == f"model.path {path}: no such directory"
+    (tmp_path / "empty").mkdir()
+    for path in (str(tmp_path / "empty"), "empty"):
+        with pytest.raises(GapError) as err:
+            load_model(ModelConfig(path=path, dtype="float32"))
+        assert str(err.value) == f"model.path {path}: no config.json (not a transformers checkpoint directory)"
+    (tmp_path / "config.json").write_text("{}")
     with pytest.raises(GapError) as err:
-        load_model(ModelConfig(path=str(tmp_path / "nowhere"), dtype="float32"))
-    assert str(tmp_path / "nowhere") in str(err.value) and "\n" not in str(err.value)
+        load_model(ModelConfig(path=str(tmp_path / "config.json"), dtype="float32"))
+    assert str(err.value) == f"model.path {tmp_path / 'config.json'}: not a directory"
+
+
+def test_hub_ids_go_to_transformers_and_home_paths_load(tiny_checkpoint, tmp_path, monkeypatch):
+    # an org/name id that is no local directory is looked up by transformers (its offline cache)
+    import transformers
+
+    asked = []
+
+    def from_pretrained(path, **kwargs):
+        asked.append(path)
+        raise OSError("not in the cache")
+
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+        with pytest.raises(GapError, match=r"^model.path llava-hf/llava-1.5-7b-hf: cannot read the model config"):
+            load_model(ModelConfig(path="llava-hf/llava-1.5-7b-hf", dtype="float32"))
+    assert asked == ["llava-hf/llava-1.5-7b-hf"]
+    path = tiny_checkpoint("llava", n_layers=2)
+    monkeypatch.setenv("HOME", str(path.parent))
+    assert load_model(ModelConfig(path=f"~/{path.name}", dtype="float32")).n_layers == 2
 
 
 def test_revision_from_hub_cache_path(tmp_path):
