@@ -221,6 +221,46 @@ def data_bytes(pieces: list[Piece]) -> int:
     return sum(len(p) for p in pieces if not isinstance(p, int))
 
 
+_ZEROS = bytes(1 << 20)  # a hole's bytes, for its checksum
+
+
+def pieces_crc32(pieces: list[Piece] | bytes) -> int:
+    """CRC-32 (zlib's) of the file that writing ``pieces`` makes (holes read as zeros).
+
+    zlib's CRC lets other threads run while it works (google_crc32c's holds the GIL, which would
+    stall the capture loop while the I/O threads checksum its blocks).
+
+    >>> import zlib
+    >>> pieces_crc32([b"ab", 3, memoryview(b"c")]) == zlib.crc32(b"ab\\0\\0\\0c")
+    True
+    """
+    import zlib
+
+    if isinstance(pieces, (bytes, bytearray, memoryview)):
+        pieces = [pieces]
+    crc = 0
+    for piece in pieces:
+        if isinstance(piece, int):
+            for start in range(0, piece, len(_ZEROS)):
+                crc = zlib.crc32(_ZEROS[:min(len(_ZEROS), piece - start)], crc)
+        else:
+            crc = zlib.crc32(piece, crc)
+    return crc
+
+
+def file_crc32(path: Path, bufsize: int = 8 << 20) -> int:
+    """CRC-32 (zlib's) of a file's bytes, read in ``bufsize`` pieces."""
+    import zlib
+
+    crc = 0
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
+
+
 def fsync_dir(path: Path) -> None:
     """Make the entries of directory ``path`` (files created or renamed in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -408,7 +448,7 @@ def parse_commit_log(data: bytes) -> CommitLog:
     *lines, _torn = data.split(b"\n")  # the last piece has no newline: never a commit
     for number, line in enumerate(lines, 1):
         try:
-            commit = json.loads(line)
+            commit = json.loads(line) if line_intact(line) else None
         except ValueError:  # not JSON, or not UTF-8
             commit = None
         if is_commit(commit):
@@ -436,5 +476,29 @@ def latest_samples(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
+LINE_CRC = b',"line_crc32":'  # ends every commit line: the CRC-32 of the bytes before it
+
+
 def encode_commit(commit: dict[str, Any]) -> bytes:
-    return (json.dumps(commit, separators=(",", ":"), allow_nan=True) + "\n").encode()
+    """One commit line: the commit as JSON, ending with the checksum of the line before it.
+
+    >>> line = encode_commit({"segment": 0})
+    >>> line[:len(b'{"segment":0,"line_crc32":')], line_intact(line.rstrip(b"\\n"))
+    (b'{"segment":0,"line_crc32":', True)
+    """
+    import zlib
+
+    head = json.dumps(commit, separators=(",", ":"), allow_nan=True)[:-1].encode()
+    return head + LINE_CRC + str(zlib.crc32(head)).encode() + b"}\n"
+
+
+def line_intact(line: bytes) -> bool:
+    """Whether a commit line's checksum matches its bytes (a line written before checksums,
+    without one, passes: JSON parsing and :func:`is_commit` are its only checks)."""
+    import zlib
+
+    at = line.rfind(LINE_CRC)
+    if at < 0:
+        return True
+    tail = line[at + len(LINE_CRC):]
+    return tail[-1:] == b"}" and tail[:-1].isdigit() and int(tail[:-1]) == zlib.crc32(line[:at])

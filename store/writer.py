@@ -302,6 +302,7 @@ class RunWriter:
         self.wait_seconds = 0.0
         self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix=f"gap-io-{self.shard}")
         self._io_pending: deque[Future] = deque()
+        self._block_crcs: dict[int, list[int]] = {}  # block -> CRC-32 of its files, until committed
         self._put_ok: set[int] = set()  # samples put ok in this session (committed or still queued)
         self._thread = threading.Thread(target=self._consume, name=f"gap-writer-{self.shard}", daemon=True)
         self._thread.start()
@@ -558,13 +559,14 @@ class RunWriter:
         files.append((self.dir / layout.TOKENS / layout.tokens_chunk_key(block_index),
                       tokens.astype("<i4").tobytes()))
         self._drain_io(leave=IO_THREADS - 1)
-        self._io_pending.append(self._io.submit(_write_files, files))
+        self._io_pending.append(self._io.submit(_write_files, block_index, files))
 
     def _drain_io(self, leave: int = 0) -> None:
         """Wait for the oldest blocks handed to the I/O threads until at most ``leave`` are in
         flight; re-raise the first failure."""
         while len(self._io_pending) > leave:
-            self._io_pending.popleft().result()
+            block_index, crcs = self._io_pending.popleft().result()
+            self._block_crcs[block_index] = crcs
 
     def _commit(self, samples: list[dict[str, Any]], pending: list, state: dict[str, Any]) -> None:
         stop = self._tail(pending, state)
@@ -574,8 +576,11 @@ class RunWriter:
         for name, axis in ((layout.HIDDEN, 1), (layout.TOKENS, 0)):
             if (self.dir / name / "zarr.json").exists():
                 layout.set_array_length(self.dir / name, axis, end)
+        blocks = range(state["start"] // self.block, end // self.block)
+        crcs = [self._block_crcs.pop(b) for b in blocks]
+        # each block file's CRC-32 ([hidden, tokens] or [tokens]): `gap store verify --data`
         commit = {"segment": self.n_committed_segments, "start": state["start"], "stop": stop,
-                  "end": end, "time": _now(), "samples": samples}
+                  "end": end, "time": _now(), "samples": samples, "crc32": crcs}
         log_path = self.dir / layout.COMMITS
         new_log = not log_path.exists()
         with open(log_path, "ab") as fh:
@@ -590,7 +595,12 @@ class RunWriter:
         log.debug("committed segment %d (%d samples) of %s", commit["segment"], len(samples), self.dir)
 
 
-def _write_files(files: list[tuple[Path, Any]]) -> None:
+def _write_files(block_index: int, files: list[tuple[Path, Any]]) -> tuple[int, list[int]]:
+    """Write one block's files (on an I/O thread); their CRC-32s, computed here beside the disk's
+    work rather than on the writer thread."""
+    crcs = []
     for path, pieces in files:
         layout.make_dirs(path.parent)
+        crcs.append(layout.pieces_crc32(pieces))
         layout.atomic_write(path, pieces, fsync=True)
+    return block_index, crcs

@@ -523,10 +523,11 @@ def test_commit_line_follows_its_blocks_written_on_io_threads(tmp_path, monkeypa
     events = []
     real_files, real_commit = writer_module._write_files, layout.encode_commit
 
-    def slow_files(files):
+    def slow_files(block_index, files):
         time.sleep(0.02 * random.random())
-        real_files(files)
+        done = real_files(block_index, files)
         events.extend(("block", int(path.parent.name)) for path, _ in files if layout.HIDDEN in path.parts)
+        return done
 
     def commit(c):
         events.append(("commit", c["end"]))
@@ -604,7 +605,8 @@ def test_wait_seconds_is_the_time_the_producer_was_held_up_by_the_store(tmp_path
 
     def timed(run, slow_disk: bool, producer_sleep: float) -> tuple[float, float]:
         monkeypatch.setattr(writer_module, "_write_files",
-                            (lambda files: (time.sleep(0.05), real_files(files))) if slow_disk else real_files)
+                            (lambda b, files: (time.sleep(0.05), real_files(b, files))[1]) if slow_disk
+                            else real_files)
         with RunWriter(run, spec) as w:
             start = time.perf_counter()  # from the first put to the end of the final flush
             for r in records:
@@ -677,3 +679,53 @@ def test_verify_leaves_a_live_writers_work_in_progress_alone(tmp_path):
     problems = "\n".join(verify_run(run))
     assert "torn commit line" in problems and f"uncommitted leftover chunks [{n_blocks}]" in problems
     assert run_info(run)["shards"][0]["writer"] is None
+
+
+def test_verify_data_finds_changed_bytes_that_the_structure_check_cannot(tmp_path):
+    # The structural check reads no data; --data recomputes every block file's checksum.
+    from store.inspect import verify_data
+
+    spec = make_spec(n_total=12)
+    run = tmp_path / "run"
+    with RunWriter(run, spec, segment_tokens=10) as w:
+        for i in range(12):
+            w.put(make_record(i, spec))
+    assert verify_data(run, progress=False) == ([], 0)
+    part = layout.part_dir(run, 0, 1)
+    hidden = [part / layout.HIDDEN / layout.hidden_chunk_key(b) for b in range(3)]
+    tokens = part / layout.TOKENS / layout.tokens_chunk_key(1)
+    data = bytearray(hidden[0].read_bytes())
+    data[100] ^= 0x01  # one bit of one value
+    hidden[0].write_bytes(bytes(data))
+    hidden[2].write_bytes(hidden[1].read_bytes())  # a block copied over another
+    data = bytearray(tokens.read_bytes())
+    data[4] ^= 0x10  # an input id
+    tokens.write_bytes(bytes(data))
+    assert verify_run(run) == []  # sizes, index checksums and token owners all still agree
+    problems, unchecked = verify_data(run, progress=False)
+    name = part.name
+    assert problems == [f"{name}/hidden: block 0: checksum mismatch (its bytes changed after the commit)",
+                        f"{name}/tokens: block 1: checksum mismatch (its bytes changed after the commit)",
+                        f"{name}/hidden: block 2: checksum mismatch (its bytes changed after the commit)"]
+    assert unchecked == 0
+    cli = subprocess.run([PY, "-m", "gap", "store", "verify", str(run), "--data", "-q"], capture_output=True,
+                         text=True, cwd=HERE.parent)
+    assert cli.returncode == 1 and cli.stderr.count("checksum mismatch") == 3
+    # a run written before checksums: its segments are counted as unchecked, not as damaged
+    log_path = part / layout.COMMITS
+    old = [json.loads(line) for line in log_path.read_bytes().splitlines()]
+    log_path.write_bytes(b"".join(json.dumps({k: v for k, v in c.items() if "crc32" not in k}).encode() + b"\n"
+                                  for c in old))
+    assert verify_data(run, progress=False) == ([], len(old)) and verify_run(run) == []
+
+
+def test_a_commit_line_with_a_changed_number_is_damaged_and_old_lines_still_count(tmp_path):
+    # A digit changed inside a commit line is still JSON and still a commit: its checksum says
+    # it is not the line the writer wrote. Lines written before checksums pass unchecked.
+    line = layout.encode_commit({"segment": 0, "start": 0, "stop": 5, "end": 8, "samples": [
+        {"index": 3, "sample_id": "a/3", "status": "ok", "n_tokens": 5, "offset": 0}]})
+    changed = line.replace(b'"offset":0', b'"offset":1')
+    old = b'{"segment":1,"start":8,"stop":9,"end":16,"samples":[]}\n'
+    log = layout.parse_commit_log(line + changed + old)
+    assert [c["segment"] for c in log.commits] == [0, 1] and log.damaged == [(2, 1)]
+    assert layout.line_intact(line.rstrip(b"\n")) and not layout.line_intact(changed.rstrip(b"\n"))
