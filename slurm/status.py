@@ -182,6 +182,8 @@ def format_status(status: dict[str, Any]) -> str:
     for s in status["shards"]:
         lines.append(f"{s['shard']:<6}{s['done']:>6}{s['failed']:>8}{cell(s['left']):>8}  "
                      f"{s['job'] or '-':<10}  {s['state'] or ('-' if not s['job'] else 'not in queue')}")
+    if status["left"] is None:
+        lines.append("? left: known once a capture task has opened the dataset and started the run")
     if status.get("retryable"):
         lines.append(f"{status['retryable']} failed for a non-data reason (out of memory, NaN/inf, an error): "
                      "gap slurm submit --retry-failed redoes them")

@@ -377,7 +377,12 @@ def test_status_and_resubmission_follow_the_store(tmp_path: Path, fake_sbatch: P
     assert (shown["done"], shown["failed"], shown["left"]) == (7, 1, 4)
     assert [s["job"] for s in shown["shards"]] == [None, "100_1"]
     text = status.format_status(shown)
-    assert "7 done, 1 failed, 4 left" in text and "100_1" in text
+    assert "7 done, 1 failed, 4 left" in text and "100_1" in text and "? left" not in text
+    # before the first capture task opened the dataset, nothing knows the run's size yet
+    pending = {"run": "/r", "done": 0, "failed": 0, "retryable": 0, "left": None,
+               "shards": [{"shard": 0, "done": 0, "failed": 0, "left": None, "job": "7_0", "state": "PENDING"}],
+               "analysis": {"job": None, "state": None, "decision": False}}
+    assert "? left: known once a capture task has opened the dataset" in status.format_status(pending)
     with pytest.raises(GapError, match="started with 2 shards"):
         status.shard_progress(run, 3)
 
