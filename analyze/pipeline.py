@@ -62,6 +62,8 @@ log = logging.getLogger("gap.analyze")
 MODALITIES = ("visual", "text")
 VARIANTS = ("all", "nomassive")
 MODALITY_CODES = {0: "visual", 1: "text", 2: "other"}
+# What a saved layer group holds; another version's scratch starts afresh (2: nonfinite added)
+SCRATCH_FORMAT = 2
 
 __all__ = ["Batch", "GeometryResult", "MODALITIES", "geometry", "open_client", "plan_batches",
            "sample_layer_geometry"]
@@ -555,8 +557,8 @@ def _fingerprint(data: Any, layer_values: np.ndarray, groups: list[tuple[int, in
     import hashlib
     import json
 
-    digest = hashlib.sha256(json.dumps([list(data.shape), list(data.chunks[0]), np.asarray(layer_values).tolist(),
-                                        groups, parameters]).encode())
+    digest = hashlib.sha256(json.dumps([SCRATCH_FORMAT, list(data.shape), list(data.chunks[0]),
+                                        np.asarray(layer_values).tolist(), groups, parameters]).encode())
     for array in token_arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()

@@ -130,6 +130,10 @@ def _chunk_blocks(array_dir: Path, axis: int) -> set[int]:
 
 def verify_run(run: str | Path) -> list[str]:
     """One line per problem found; an empty list means the run is intact."""
+    # a writer seen before the state is read or after it: its tail in the state may be in progress
+    parts_dir = Path(run) / layout.PARTS
+    live_before = ({p.name for p in parts_dir.iterdir() if p.is_dir() and writer_of(p)}
+                   if parts_dir.is_dir() else set())
     state: RunState = read_run(run)
     problems: list[str] = []
     hidden = state.hidden
@@ -139,7 +143,7 @@ def verify_run(run: str | Path) -> list[str]:
     owners: Counter[int] = Counter()
     for part in state.parts:
         name = part.path.name
-        live = writer_of(part.path) is not None  # its tail past the last commit is in progress
+        live = name in live_before or writer_of(part.path) is not None  # its tail may be in progress
         if part.n_shards != state.attrs.get("n_shards"):
             problems.append(f"{name}: part of a {part.n_shards}-shard layout in a "
                             f"{state.attrs.get('n_shards')}-shard run")

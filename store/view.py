@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from schemas.errors import GapError
 from schemas.run import (TOKEN_FLAG_ANSWER, TOKEN_FLAG_TEXT, TOKEN_FLAG_VISUAL, VARIABLES, produced,
                          sample_variables)
 from store import layout
@@ -103,8 +104,8 @@ class RunHidden:
     A view token range maps onto runs of consecutive tokens in the parts (shards take every N-th
     sample and capture writes in length-batch order, so nearly every sample is a run of its own).
     One array over them keeps the Dask graph at layers x token chunks whatever the number of
-    samples (slicing one array per run adds tasks per sample and layer). It decodes what it
-    reads, so Dask fuses a selection into this read and reads only the selected tokens.
+    samples (slicing one array per run adds tasks per sample and layer). A selection reads the
+    whole chunks it touches (Dask does not narrow the read), hence chunks of a few samples.
     """
 
     def __init__(self, state: RunState, ranges: list[tuple[PartState, int, int]]) -> None:
@@ -119,9 +120,11 @@ class RunHidden:
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         layers, tokens, cols = key
-        t0, t1, step = tokens.indices(self.shape[1])
-        if step != 1:  # the covering rows, then every step-th
-            return self[layers, slice(t0, max(t0, t1)), cols][:, ::step]
+        rows = range(*tokens.indices(self.shape[1]))
+        if rows.step != 1:  # the covering rows, then the ones asked for
+            lo, hi = (min(rows), max(rows) + 1) if rows else (0, 0)
+            return self[layers, slice(lo, hi), cols][:, np.asarray(rows, dtype=np.int64) - lo]
+        t0, t1 = rows.start, max(rows.start, rows.stop)
         pieces = []
         i = max(0, int(np.searchsorted(self.starts, t0, side="right")) - 1)
         while i < len(self.runs) and self.starts[i] < t1:
@@ -228,9 +231,13 @@ def open_run(run: str | Path, chunks: int | None = None):
     tables = {p.path: _read_tokens(p) for p in {p.path: p for p, _, _ in ranges}.values()}
     table = (np.concatenate([tables[p.path][a:b] for p, a, b in ranges]) if ranges
              else np.zeros((0, len(layout.TOKEN_COLUMNS)), np.int32))
-    token_sample = np.searchsorted(sample_index, table[:, 3]).astype(np.int64)  # sample_index is sorted
-    flags = table[:, 2]
     n_tok = np.array([m["n_tokens"] for _, m in samples], np.int64)
+    token_sample = np.repeat(np.arange(n, dtype=np.int64), n_tok)  # tokens are ordered by sample
+    if not np.array_equal(sample_index[token_sample], table[:, 3]):
+        bad = int(np.flatnonzero(sample_index[token_sample] != table[:, 3])[0])
+        raise GapError(f"{run}: token {bad} of the view carries sample index {int(table[bad, 3])}, not "
+                       f"{int(sample_index[token_sample[bad]])}: the tokens table is damaged (gap store verify)")
+    flags = table[:, 2]
     token_start = np.concatenate([[0], np.cumsum(n_tok)[:-1]]).astype(np.int64) if n else n_tok
 
     coords: dict[str, Any] = {

@@ -287,6 +287,7 @@ class RunWriter:
             layout.create_json_exclusive(self.dir / "zarr.json", layout.group_metadata(
                 {"gap": {"shard": self.shard, "n_shards": self.n_shards}}))
             commits = self._recover(resume)
+            self._ensure_arrays()
         except BaseException:
             self._lock_fh.close()  # a caller that catches the error may open the shard again
             raise
@@ -294,7 +295,6 @@ class RunWriter:
         self.committed_status: dict[int, str] = {s["index"]: s["status"] for s in layout.latest_samples(commits)}
         self.n_committed_segments = len(commits)
         self._cursor = commits[-1]["end"] if commits else 0  # next block-aligned token offset
-        self._ensure_arrays()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self.bytes_written = 0

@@ -218,8 +218,20 @@ def test_decide_cp2_is_na_when_evd_is_nearly_constant():
     ds = analysis()
     ds["evd"][:] = 1.0
     ds["evd"][3] = 2.0
+    ds["logp_clean"][:] = 0.0
     out = decide(ds, AnalysisConfig(bootstrap=200))["cp2"]
-    assert out["verdict"] == "N/A" and "nearly constant" in out["reason"] and out["n"] == 20
+    assert out["verdict"] == "N/A" and "do not vary enough" in out["reason"]
+
+
+def test_decide_cp2_falls_back_to_the_score_when_correctness_barely_varies():
+    # one wrong answer of 20: correctness has a rho but most resamples hold no wrong answer
+    ds = analysis()
+    ds["trunc_correct"][:, 0, 0] = 1.0
+    ds["trunc_correct"][7, 0, 0] = 0.0
+    ds["logp_clean"][:] = ds.evd.values + np.arange(20) * 1e-3
+    out = decide(ds, AnalysisConfig(bootstrap=200))["cp2"]
+    assert np.isfinite(out["correctness"]["spearman_rho"]) and out["judged_on"] == "score"
+    assert out["verdict"] == "GO"
 
 
 def test_overall_reading_says_when_cp1_could_not_be_judged():

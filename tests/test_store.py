@@ -729,3 +729,36 @@ def test_a_commit_line_with_a_changed_number_is_damaged_and_old_lines_still_coun
     log = layout.parse_commit_log(line + changed + old)
     assert [c["segment"] for c in log.commits] == [0, 1] and log.damaged == [(2, 1)]
     assert layout.line_intact(line.rstrip(b"\n")) and not layout.line_intact(changed.rstrip(b"\n"))
+
+
+def test_run_hidden_reads_any_slice_like_numpy(tmp_path):
+    from store.reader import read_run
+    from store.view import RunHidden, _token_ranges, committed_samples
+
+    spec = make_spec("float32", n_total=9)
+    for shard in range(2):
+        with RunWriter(tmp_path / "run", spec, shard=(shard, 2)) as w:
+            for i in range(shard, 9, 2):
+                w.put(make_record(i, spec))
+    state = read_run(tmp_path / "run")
+    source = RunHidden(state, _token_ranges(committed_samples(state)))
+    whole = np.concatenate([make_record(i, spec).hidden for i in range(9)], axis=1)
+    assert source.shape == whole.shape
+    n = whole.shape[1]
+    for key in (slice(None), slice(3, 40), slice(None, None, -1), slice(n - 2, 2, -3), slice(12, 2),
+                slice(5, 5), slice(1, n, 7)):
+        np.testing.assert_array_equal(source[:, key, :], whole[:, key, :], err_msg=str(key))
+
+
+def test_a_token_carrying_another_samples_index_fails_the_open_in_one_line(tmp_path):
+    spec = make_spec(n_total=4)
+    with RunWriter(tmp_path / "run", spec) as w:
+        for i in range(4):
+            w.put(make_record(i, spec))
+    chunk = layout.part_dir(tmp_path / "run", 0, 1) / layout.TOKENS / layout.tokens_chunk_key(0)
+    table = np.frombuffer(chunk.read_bytes(), "<i4").reshape(-1, 4).copy()
+    table[2, 3] = 1000  # token 2 (of sample 0) now names a sample that does not exist
+    chunk.write_bytes(table.tobytes())
+    with pytest.raises(GapError, match=r"token 2 of the view carries sample index 1000, not 0: the tokens "
+                                       r"table is damaged \(gap store verify\)$"):
+        open_run(tmp_path / "run")
