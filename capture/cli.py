@@ -35,10 +35,10 @@ SIGTERM or SIGUSR1 (Slurm sends them before the time limit) stop after the curre
 committed samples stay valid and a rerun with --resume finishes the shard."""
 
 EXAMPLES = """examples:
-  gap capture configs/qwen3.yaml --out runs/r1
-  gap capture configs/qwen3.yaml --out runs/r1 --set data.limit=20 --set capture.layers=[0,12,24]
-  gap capture configs/qwen3.yaml --out runs/r1 --shard 2/4 --resume
-  gap capture configs/qwen3.yaml --out runs/r1 --resume --retry-failed --set capture.batch_size=1"""
+  gap capture configs/qwen3_vl_30b_chartqa.yaml --out runs/r1
+  gap capture configs/qwen3_vl_30b_chartqa.yaml --out runs/r1 --set data.limit=20 --set capture.layers=[0,12,24]
+  gap capture configs/qwen3_vl_30b_chartqa.yaml --out runs/r1 --shard 2/4 --resume
+  gap capture configs/qwen3_vl_30b_chartqa.yaml --out runs/r1 --resume --retry-failed --set capture.batch_size=1"""
 
 
 def build_parser() -> argparse.ArgumentParser:

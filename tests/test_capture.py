@@ -8,6 +8,7 @@ and one unbatched ``model(..., output_hidden_states=True)`` per sample, independ
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -857,3 +858,19 @@ def test_token_sets_config_errors_and_resume(tiny_checkpoint, tmp_path):
         RunWriter(tmp_path / "run", make_spec(_cfg(path, tokens=["visual"]), loaded, 1), resume=True)
     # the same selection spelled differently resumes
     RunWriter(tmp_path / "run", make_spec(_cfg(path, tokens=["text", "visual"]), loaded, 1), resume=True).close()
+
+
+def test_the_shipped_example_configs_load_and_the_tiny_one_runs(tiny_checkpoint, tmp_path):
+    from capture import cli
+    from schemas.config import load_config
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        load_config(path)  # valid against today's schema
+    tiny = next(p for p in configs if p.name == "tiny_synthetic.yaml")
+    path = tiny_checkpoint("qwen2_vl", n_layers=2)
+    assert cli.main([str(tiny), "--out", str(tmp_path / "run"), "--no-progress", "--set", f"model.path={path}",
+                     "--set", "data.limit=3"]) == 0
+    ds = open_run(tmp_path / "run")
+    assert list(ds.status.values) == ["ok"] * 3 and {"delta", "trunc_logp", "hidden"} <= set(ds.data_vars)
