@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true",
                    help="with --resume: capture again the samples that failed for a non-data reason "
                         "(oom, nonfinite, error)")
+    p.add_argument("--retry-failed-before", metavar="TIME", type=_utc_time, default=None,
+                   help="with --resume: the same, for the failures committed before TIME (ISO 8601, "
+                        "e.g. 2026-11-27T09:00:00+00:00) only; `gap slurm submit --retry-failed` "
+                        "passes its submission time, so a requeued task does not redo the failures "
+                        "its own submission recorded")
     p.add_argument("--padding-side", choices=("right", "left"), default="right",
                    help="padding of batched prompts (results do not depend on it; default right)")
     p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
@@ -153,9 +159,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from schemas.config import load_config
-    from schemas.run import RETRYABLE, STATUS_DATA, STATUS_OK, parse_shard, shard_indices
+    from schemas.run import STATUS_DATA, STATUS_OK, parse_shard, shard_indices
 
-    if args.retry_failed and not args.resume:
+    if (args.retry_failed or args.retry_failed_before) and not args.resume:
         raise GapError("--retry-failed goes with --resume (it redoes failed samples of an existing shard)")
     cfg = load_config(args.config, args.overrides)
     try:
@@ -186,8 +192,7 @@ def main(argv: list[str]) -> int:
     spec = make_spec(cfg, loaded, n_total=len(dataset))
     t0 = time.perf_counter()
     with RunWriter(out, spec, shard=(shard, n_shards), resume=args.resume) as writer:
-        retry = ({r for r, status in writer.committed_status.items() if status in RETRYABLE}
-                 if args.retry_failed else set())
+        retry = _retryable(writer, args.retry_failed, args.retry_failed_before)
         todo = [r for r in rows if r not in writer.committed or r in retry]
         device = _device_line(loaded, cfg.model.device_map)
         print(f"gap capture: {loaded.info['family']} ({loaded.n_layers} layers) on {device}; "
@@ -223,6 +228,34 @@ def main(argv: list[str]) -> int:
               "--resume --retry-failed to capture them again", file=sys.stderr)
         return 1
     return 0
+
+
+def _utc_time(text: str) -> datetime:
+    """An ISO 8601 time for ``--retry-failed-before`` (UTC when it names no zone)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time like 2026-11-27T09:00:00+00:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _retryable(writer: Any, every: bool, before: datetime | None) -> set[int]:
+    """The committed samples to capture again: failed for a non-data reason, and (with ``before``)
+    committed before that time.
+
+    >>> from types import SimpleNamespace
+    >>> w = SimpleNamespace(committed_status={1: "oom", 2: "error", 3: "ok", 4: "data_error"},
+    ...                     committed_time={1: "2026-11-27T08:00:00+00:00", 2: "2026-11-27T10:00:00+00:00",
+    ...                                     3: "2026-11-27T08:00:00+00:00", 4: "2026-11-27T08:00:00+00:00"})
+    >>> sorted(_retryable(w, True, None)), sorted(_retryable(w, False, _utc_time("2026-11-27T09:00:00")))
+    ([1, 2], [1])
+    """
+    from schemas.run import RETRYABLE
+
+    if not every and before is None:
+        return set()
+    return {r for r, status in writer.committed_status.items() if status in RETRYABLE
+            and (before is None or datetime.fromisoformat(writer.committed_time[r]) < before)}
 
 
 def _progress_callback(bar: Any, writer: Any) -> Any:

@@ -196,7 +196,7 @@ def _job_name(kind: str, run_dir: str) -> str:
 
 
 def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: Sequence[str],
-                   tasks: Sequence[int] | None = None, retry_failed: bool = False) -> str:
+                   tasks: Sequence[int] | None = None, retry_failed_before: str | None = None) -> str:
     """The capture array script: one task per shard, probe first, then ``gap capture --resume``.
 
     Parameters
@@ -209,8 +209,10 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
         The command that runs gap on the node, e.g. ``["/venv/bin/gap"]`` or ``["gap"]``.
     tasks : sequence of int, optional
         Shards to (re)submit; all ``slurm.shards`` by default.
-    retry_failed : bool
-        Capture with ``--retry-failed`` (samples failed for a non-data reason are redone).
+    retry_failed_before : str, optional
+        Capture with ``--retry-failed-before`` this time (the submission's): the samples that
+        failed for a non-data reason before it are redone, once; a requeued task leaves the
+        failures of its own submission for the next ``--retry-failed``.
 
     Examples
     --------
@@ -247,7 +249,7 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
         "# the shell can pass the time-limit warning (SIGUSR1) on to it",
         f'{gap_cmd} slurm probe "$CONFIG" || exit 1',
         *_background(f'{gap_cmd} capture "$CONFIG" --out "$RUN" --shard "$SHARD" --resume'
-                     + (" --retry-failed" if retry_failed else ""),
+                     + (f" --retry-failed-before {shlex.quote(retry_failed_before)}" if retry_failed_before else ""),
                      "gap capture shard $SHARD: SIGTERM, waiting for the current batch to commit"),
     ]
     epilogue = ["# --- epilogue: stopped before the time limit -> back into the queue; the restart resumes",

@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from schemas.config import Config, config_from_dict, config_to_yaml, first_difference, invariant_view, load_config
@@ -105,7 +106,8 @@ def plan_submission(config_path: str | Path, run_dir: str | Path, overrides: Seq
 
     ``gap`` is the command jobs run gap with (default: :func:`gap_command`); ``analyze_args`` are
     further ``gap analyze`` options for the analysis job; ``retry_failed`` also runs the shards
-    with retryable failures, as ``gap capture --resume --retry-failed``.
+    with retryable failures, as ``gap capture --resume --retry-failed-before NOW``: the failures
+    committed before this submission, not those a requeued task of it records.
 
     Examples
     --------
@@ -129,7 +131,7 @@ def plan_submission(config_path: str | Path, run_dir: str | Path, overrides: Seq
     if tasks:
         plan.scripts[render.CAPTURE_SCRIPT] = render.render_capture(
             cfg.slurm, run_dir=str(run_dir), config_path=config_copy, gap=gap, tasks=tasks,
-            retry_failed=retry_failed)
+            retry_failed_before=datetime.now(timezone.utc).isoformat(timespec="seconds") if retry_failed else None)
     plan.scripts[render.ANALYSIS_SCRIPT] = render.render_analysis(cfg.slurm, run_dir=str(run_dir), gap=gap,
                                                                   analyze_args=analyze_args)
     return plan

@@ -293,6 +293,9 @@ class RunWriter:
             raise
         # each committed sample's latest status: a failed one may be captured again (a retry)
         self.committed_status: dict[int, str] = {s["index"]: s["status"] for s in layout.latest_samples(commits)}
+        # when each sample's latest record was committed (ISO 8601, UTC; a retry may redo only the
+        # failures committed before some time)
+        self.committed_time: dict[int, str] = {s["index"]: c["time"] for c in commits for s in c["samples"]}
         self.n_committed_segments = len(commits)
         self._cursor = commits[-1]["end"] if commits else 0  # next block-aligned token offset
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -591,6 +594,7 @@ class RunWriter:
             layout.fsync_dir(self.dir)
         self.n_committed_segments += 1
         self.committed_status.update((s["index"], s["status"]) for s in samples)
+        self.committed_time.update((s["index"], commit["time"]) for s in samples)
         state.update(start=end, filled=end, t0=time.monotonic())
         log.debug("committed segment %d (%d samples) of %s", commit["segment"], len(samples), self.dir)
 

@@ -579,7 +579,12 @@ def test_retry_failed_recaptures_non_data_failures(tiny_checkpoint, tmp_path, mo
     monkeypatch.setattr(CaptureRunner, "_forward", original)
     assert cli.main([str(config), "--out", str(run), "--resume", "--no-progress"]) == 1  # not retried
     assert "0 of 5 samples to do" in capsys.readouterr().out
-    assert cli.main([str(config), "--out", str(run), "--resume", "--retry-failed", "--no-progress"]) == 0
+    # a requeued task of a retry submission: the failure came after the submission, so it stays
+    assert cli.main([str(config), "--out", str(run), "--resume", "--no-progress",
+                     "--retry-failed-before", "2020-01-01T00:00:00+00:00"]) == 1
+    assert "0 of 5 samples to do" in capsys.readouterr().out
+    assert cli.main([str(config), "--out", str(run), "--resume", "--no-progress",
+                     "--retry-failed-before", "2999-01-01T00:00:00"]) == 0
     printed = capsys.readouterr().out
     assert "1 of 5 samples to do (1 failed ones again)" in printed
     assert "shard 0/1 holds 5 of 5 samples: ok 5" in printed

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import types
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -408,9 +409,13 @@ def test_retry_failed_resubmits_only_shards_with_retryable_failures(tmp_path: Pa
     assert [(p.done, p.failed, p.left, p.retryable) for p in progress] == [(3, 1, 0, 1), (2, 2, 0, 0)]
     cfg = write_yaml(tmp_path / "c.yaml", {"model": {"path": "/models/toy"}, "slurm": {"shards": 2, "gpus": 0}})
     assert submit.plan_submission(cfg, run, gap=["gap"]).tasks == []  # only the analysis
+    before = datetime.now(timezone.utc).replace(microsecond=0)
     plan = submit.plan_submission(cfg, run, gap=["gap"], retry_failed=True)
     assert plan.tasks == [0]
-    assert '--shard "$SHARD" --resume --retry-failed' in plan.scripts["capture.sbatch"]
+    # the submission's time: a requeued task of it does not redo the failures it recorded itself
+    stamp = re.search(r'--shard "\$SHARD" --resume --retry-failed-before (\S+) &$', plan.scripts["capture.sbatch"],
+                      re.MULTILINE).group(1)
+    assert before <= datetime.fromisoformat(stamp) <= datetime.now(timezone.utc)
     with RunWriter(run, spec, shard=(0, 2), resume=True) as writer:  # what that task does
         writer.put(make_record(4, spec))
     assert [(p.done, p.failed, p.retryable) for p in status.shard_progress(run, 2)] == [(4, 0, 0), (2, 2, 0)]
