@@ -25,11 +25,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import threading
 import warnings
 from bisect import bisect_right
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from schemas.answers import most_common_answer
 from schemas.config import ConfigError, DataConfig
 from schemas.errors import GapError
 
@@ -66,16 +67,18 @@ class Spec:
     config: str | None
     question: str
     answers: str
-    default_split: str
 
 
 SPECS: dict[str, Spec] = {
-    "chartqa": Spec("HuggingFaceM4/ChartQA", None, "query", "label", "test"),
-    "docvqa": Spec("lmms-lab/DocVQA", "DocVQA", "question", "answers", "validation"),
-    "textvqa": Spec("lmms-lab/textvqa", None, "question", "answers", "validation"),
-    "vqav2": Spec("lmms-lab/VQAv2", None, "question", "answers", "validation"),
-    "scienceqa": Spec("derek-thomas/ScienceQA", None, "question", "answer", "test"),
+    "chartqa": Spec("HuggingFaceM4/ChartQA", None, "query", "label"),
+    "docvqa": Spec("lmms-lab/DocVQA", "DocVQA", "question", "answers"),
+    "textvqa": Spec("lmms-lab/textvqa", None, "question", "answers"),
+    "vqav2": Spec("lmms-lab/VQAv2", None, "question", "answers"),
+    "scienceqa": Spec("derek-thomas/ScienceQA", None, "question", "answer"),
 }
+# Datasets scored by VQA accuracy: every human answer counts (blank ones too, in the
+# denominator), and answers are equal as the VQA normalisation makes them.
+VQA_SCORED = ("textvqa", "vqav2")
 
 
 # ----------------------------------------------------------------------------- images
@@ -110,6 +113,9 @@ def to_rgb(value: Any, sample_id: str, base: Path | None = None) -> Image.Image:
                 img = value
             elif isinstance(value, (bytes, bytearray, memoryview)):
                 img = Image.open(io.BytesIO(bytes(value)))
+            elif not isinstance(value, (str, os.PathLike)):
+                raise DataError(sample_id, f"image value of type {type(value).__name__} is neither a "
+                                           "file path nor image bytes")
             else:
                 file = Path(value)
                 if not file.is_absolute() and base is not None:
@@ -227,12 +233,17 @@ class _ParquetSource(_Source):
         # A struct's sub-field carries the struct's nulls, so image nullness costs no image bytes.
         sub = f"{column}.path" if "path" in _struct_fields(self.files[0], column) else column
         parts, seen = [], 0
-        for k, group in self.groups:
+        for g, (k, group) in enumerate(self.groups):
             if head is not None and seen >= head:
                 break
-            with self._lock:
-                part = self.files[k].read_row_group(group, columns=[sub]).column(0)
-            parts.append(_absent(part))
+            try:
+                with self._lock:
+                    part = _absent(self.files[k].read_row_group(group, columns=[sub]).column(0))
+            except (OSError, ValueError) as exc:  # damaged: its rows fail one by one when loaded
+                log.warning("%s: row group %d unreadable (%s); its rows count as present", self.paths[k],
+                            group, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                part = np.zeros(self.starts[g + 1] - self.starts[g], bool)
+            parts.append(part)
             seen += len(part)
         return np.concatenate(parts) if parts else np.zeros(0, bool)
 
@@ -429,8 +440,9 @@ def hub_cache_snapshot(repo: str) -> Path | None:
 
 # ----------------------------------------------------------------------------- samples
 
-def _texts(value: Any) -> list[str]:
-    """Gold answers as non-empty strings: accepts a string, a list, or VQAv2's answer dicts."""
+def _texts(value: Any, keep_blank: bool = False) -> list[str]:
+    """Gold answers as strings (blank ones only with ``keep_blank``): accepts a string, a list,
+    or VQAv2's answer dicts."""
     if value is None:
         return []
     if isinstance(value, (str, int, float)):
@@ -439,7 +451,7 @@ def _texts(value: Any) -> list[str]:
     for item in value:
         if isinstance(item, dict):
             item = item.get("answer")
-        if item is not None and str(item).strip():
+        if item is not None and (keep_blank or str(item).strip()):
             out.append(str(item).strip())
     return out
 
@@ -470,12 +482,13 @@ def _row_to_sample(name: str, spec: Spec, row: dict[str, Any], sample_id: str,
         options = " ".join(f"({letters[k]}) {c}" for k, c in enumerate(choices))
         question = f"{question}{OPTIONS}{options}"
     else:
-        answers = _texts(row.get(spec.answers))
-        if not answers:
+        answers = _texts(row.get(spec.answers), keep_blank=name in VQA_SCORED)
+        if not any(answers):
             raise DataError(sample_id, "no gold answers (missing or empty answer list)")
     image = to_rgb(row.get("image"), sample_id, base)
-    # Teacher forcing uses the most frequent answer (VQA's 10 annotators); ties keep list order.
-    answer = Counter(answers).most_common(1)[0][0]
+    # Teacher forcing uses the most frequent answer (VQA's 10 annotators, counted as the VQA
+    # evaluation compares them); ties keep list order.
+    answer = most_common_answer(answers, normalise=name in VQA_SCORED)
     return {"sample_id": sample_id, "image": image, "question": question, "answer": answer,
             "answers": answers}
 

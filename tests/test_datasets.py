@@ -459,3 +459,72 @@ def test_an_unreadable_image_file_is_named(tmp_path):
     with pytest.raises(DataError) as err:
         open_dataset(cfg("chartqa", tmp_path))[0]
     assert str(err.value) == f"chartqa/test/0: image file not found: {split / '0.png'}"
+
+
+# ----------------------------------------------------------------------------- review cases
+
+def test_vqa_teacher_forced_answer_is_the_largest_group_as_the_evaluator_counts(tmp_path):
+    # "Nokia" four times in four spellings beats "lg" three times; blank answers stay counted
+    answers = ["Nokia", "nokia", "NOKIA", "Nokia.", "samsung", "samsung", "lg", "lg", "lg", ""]
+    write_parquet(tmp_path / "data" / "validation-00000-of-00001.parquet", {
+        "image": [image_cell(png())], "question": ["which brand?"], "answers": [answers]},
+        {"image": IMAGE_TYPE, "answers": pa.list_(pa.string())})
+    s = open_dataset(cfg("textvqa", tmp_path, split="validation"))[0]
+    assert s["answer"] == "Nokia" and s["answers"] == answers  # 10 human answers, as scored
+    # ChartQA's labels are not VQA-normalised: exact strings count
+    write_parquet(tmp_path / "c" / "data" / "test-00000-of-00001.parquet", {
+        "image": [image_cell(png())], "query": ["value?"], "label": [["The 5", "5", "the 5"]]},
+        {"image": IMAGE_TYPE, "label": pa.list_(pa.string())})
+    assert open_dataset(cfg("chartqa", tmp_path / "c"))[0]["answer"] == "The 5"
+
+
+def _damage_column(path: Path, group: int, column: str) -> None:
+    """Flip bytes of one column chunk's first page header (the page no longer decodes)."""
+    meta = pq.ParquetFile(path).metadata.row_group(group)
+    chunk = next(meta.column(c) for c in range(meta.num_columns) if meta.column(c).path_in_schema == column)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(path.read_bytes())
+    for j in range(start, start + 6):
+        raw[j] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("name,column", [("chartqa", "label.list.element"), ("scienceqa", "image.path")])
+def test_a_damaged_column_read_at_open_fails_only_its_rows(tmp_path, name, column):
+    n = 12
+    images = [image_cell(png(colour=(k, 0, 0))) for k in range(n)]
+    if name == "chartqa":
+        columns = {"image": images, "query": [f"q{k}?" for k in range(n)], "label": [[str(k)] for k in range(n)]}
+        types = {"image": IMAGE_TYPE, "label": pa.list_(pa.string())}
+    else:
+        columns = {"image": images, "question": [f"q{k}?" for k in range(n)], "choices": [["a", "b"]] * n,
+                   "answer": [0] * n}
+        types = {"image": IMAGE_TYPE, "choices": pa.list_(pa.string())}
+    path = write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", columns, types, row_group_size=4)
+    _damage_column(path, 2, column)
+    ds = open_dataset(cfg(name, tmp_path))
+    got = ["err" if isinstance(s, DataError) else "ok" for s in ds.iter_indices(range(len(ds)))]
+    assert got == ["ok"] * 8 + ["err"] * 4
+
+
+def test_an_image_value_that_is_no_path_or_bytes_fails_its_sample_only(tmp_path):
+    (tmp_path / "test").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "test" / "a.png")
+    lines = [{"file_name": "a.png", "query": "q0", "label": ["1"]},
+             {"file_name": 5, "query": "q1", "label": ["2"]},
+             {"file_name": "a.png", "query": "q2", "label": ["3"]}]
+    (tmp_path / "test" / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    got = list(open_dataset(cfg("chartqa", tmp_path)).iter_indices(range(3)))
+    assert [isinstance(s, DataError) for s in got] == [False, True, False]
+    assert "image value of type int is neither a file path nor image bytes" in str(got[1])
+
+
+def test_hard_cues_belong_to_the_chart_and_document_datasets():
+    from capture.subsets import label_subset
+
+    assert label_subset("vqav2", "What color is the table?") == "easy"
+    assert label_subset("vqav2", "How many people are there?") == "easy"  # VQAv2's own level
+    assert label_subset("scienceqa", "Which of these states is farthest north?") == "medium"
+    assert label_subset("textvqa", "What is the date on the sign?") == "medium"
+    assert label_subset("docvqa", "What is the date on the letter?") == "hard"
+    assert label_subset("chartqa", "Which bar is the highest?") == "hard"
