@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ truncation accuracy curves, geometry (effective rank, ICC, CKA; with and without
 activations) in one read of the activations, the checkpoint decisions CP1-CP3, figures and
 report.md.  A run still being captured, or with failed samples, is analysed on its committed
 samples with status ok, and the report says so.  SIGUSR1 (Slurm's time-limit warning) stops it
-with exit status 0; run it again and the geometry pass goes on after its last finished layers."""
+with exit status 0; run it again and the geometry pass goes on after its last finished layers.
+A stop before this process finished any new layer group exits with status 3 instead: a rerun
+would stop at the same point (give the job more time)."""
 
 EPILOG = """schedulers:
   local            a Dask cluster of one worker process per core, on 127.0.0.1 only (default)
@@ -35,7 +38,12 @@ EPILOG = """schedulers:
 examples:
   gap analyze runs/r1
   gap analyze runs/r1 --out /tmp/a --set analysis.cliff_method=gradient --set analysis.massive_k=50
+  gap analyze runs/r1 --config edited.yaml     # its analysis and slurm sections replace the run's
 """
+
+# Exit status of a stop that finished no new layer group: the Slurm job script
+# (slurm.render.NO_PROGRESS_RC, tested equal) then fails instead of requeueing into the same wall.
+STOPPED_WITHOUT_PROGRESS = 3
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="local", help="local | threads | slurm | tcp://HOST:PORT")
     p.add_argument("--workers", type=int, help="local workers (default: one per available core)")
     p.add_argument("--jobs", type=int, default=1, help="Slurm jobs for --scheduler slurm (default 1)")
+    p.add_argument("--config", metavar="FILE",
+                   help="a gap config whose analysis and slurm sections replace the run's (the model, "
+                        "data and capture sections stay the run's); --set applies on top")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. analysis.tau=0.02 (VALUE is YAML); repeatable")
     p.add_argument("--memory-budget", default="256M",
@@ -76,21 +87,46 @@ def parse_bytes(text: str) -> int:
         raise GapError(f"--memory-budget {text!r}: expected a size like 512M or 2G") from None
 
 
-def run_config(run: Any, overrides: list[str]) -> Any:
-    """The run's stored config with ``--set`` overrides applied (analysis/slurm keys usually)."""
+# The sections of a --config that replace the run's: what the analysis reads, not what was measured.
+ANALYSIS_SECTIONS = ("analysis", "slurm")
+
+
+def run_config(run: Any, overrides: list[str], config: str | Path | None = None) -> Any:
+    """The run's stored config, its analysis settings replaced by ``config``'s, then ``--set``.
+
+    Parameters
+    ----------
+    run : xarray.Dataset
+        The run (``open_run``); its ``config_yaml`` attribute is the captured config.
+    overrides : list of str
+        ``--set KEY=VALUE`` items, applied last (analysis/slurm keys usually).
+    config : path, optional
+        A gap config (e.g. ``RUN/slurm/config.yaml`` of a resubmission) whose ``analysis`` and
+        ``slurm`` sections replace the run's; its model, data and capture sections are ignored.
+    """
     import yaml
 
-    from schemas.config import apply_overrides, config_from_dict
+    from schemas.config import apply_overrides, config_from_dict, load_config
 
     raw = yaml.safe_load(run.attrs.get("config_yaml") or "") or {"model": {"path": str(run.attrs.get("model_path"))}}
-    return config_from_dict(apply_overrides(raw, overrides), "run config + --set")
+    source = "run config"
+    if config is not None:
+        given = load_config(config).model_dump(mode="json")
+        raw.update({section: given[section] for section in ANALYSIS_SECTIONS})
+        source += f" + {config}"
+    return config_from_dict(apply_overrides(raw, overrides), f"{source} + --set")
 
 
 def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: str = "local",
             workers: int | None = None, jobs: int = 1, overrides: list[str] | None = None,
-            memory_budget: int = 256 << 20, relabel: bool = False, plots: bool = True,
-            progress: bool = True) -> Path:
-    """Analyse a run end to end; returns the path of ``report.md``."""
+            config: str | Path | None = None, memory_budget: int = 256 << 20, relabel: bool = False,
+            plots: bool = True, progress: bool = True) -> Path:
+    """Analyse a run end to end; returns the path of ``report.md``.
+
+    ``config`` and ``overrides`` are :func:`run_config`'s. A SIGUSR1 stop raises
+    :class:`StopRequested` with ``progressed`` set when this call saved a new layer group of the
+    geometry pass (what a rerun goes on from).
+    """
     from analyze import results
     from analyze.decisions import decide
     from analyze.pipeline import geometry, open_client
@@ -104,7 +140,7 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
     if not any(part.commits for part in state.parts):
         raise GapError(f"{run_dir}: no committed samples yet; nothing to analyse")
     run = open_run(run_dir)
-    cfg = run_config(run, overrides or [])
+    cfg = run_config(run, overrides or [], config)
     out.mkdir(parents=True, exist_ok=True)
     ok = results.ok_mask(run)
     if run.attrs.get("n_total", 0) and (ok.sum() < run.attrs["n_total"]):
@@ -114,13 +150,19 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
     captured = state.hidden.get("layers") or []
     if "hidden" in run and captured and ok.any():
         hidden = run["hidden"].sel(layer=captured)
-        with open_client(scheduler, workers=workers, slurm=cfg.slurm.analysis, setup=cfg.slurm.setup,
-                         jobs=jobs, scratch=out / ".dask") as client:
-            log.info("geometry over %d layers x %d tokens (%s)", len(captured), run.sizes["token"], scheduler)
-            geo = geometry(hidden, run["token_sample"].values, run["is_visual"].values,
-                           run["is_text"].values, ok, client=client, scratch=out / ".scratch",
-                           massive_k=cfg.analysis.massive_k, memory_budget=memory_budget,
-                           cka_tokens=cfg.analysis.cka_tokens, progress=progress)
+        scratch = out / ".scratch"
+        saved_before = _saved_groups(scratch)
+        try:
+            with open_client(scheduler, workers=workers, slurm=cfg.slurm.analysis, setup=cfg.slurm.setup,
+                             jobs=jobs, scratch=out / ".dask") as client:
+                log.info("geometry over %d layers x %d tokens (%s)", len(captured), run.sizes["token"], scheduler)
+                geo = geometry(hidden, run["token_sample"].values, run["is_visual"].values,
+                               run["is_text"].values, ok, client=client, scratch=scratch,
+                               massive_k=cfg.analysis.massive_k, memory_budget=memory_budget,
+                               cka_tokens=cfg.analysis.cka_tokens, progress=progress)
+        except StopRequested as stop:
+            stop.progressed = bool(_saved_groups(scratch) - saved_before)
+            raise
     analysis = results.build(run, cfg.analysis, geo, relabel=relabel, source=str(run_dir))
     results.write(analysis, out)
     decision = decide(analysis, cfg.analysis)
@@ -132,6 +174,11 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
 
         figures = make_all(analysis, decision, out)
     return write_report(analysis, decision, figures, out)
+
+
+def _saved_groups(scratch: Path) -> set[str]:
+    """The layer groups a stopped geometry pass has saved in ``scratch`` (a rerun skips them)."""
+    return {path.name for path in scratch.glob("layers-*.npz")}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -157,7 +204,11 @@ class StopRequested(BaseException):
     """Raised in the main thread by SIGUSR1: the work in flight is dropped, what is saved stays.
 
     A BaseException, like KeyboardInterrupt, so that no library's ``except Exception`` swallows it.
+    ``progressed`` says whether the stopped call saved work a rerun goes on from; a stop outside
+    the geometry pass saves nothing (a rerun starts the results again).
     """
+
+    progressed = False
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -175,9 +226,14 @@ def main(argv: list[str]) -> int:
     previous = signal.signal(signal.SIGUSR1, _stop)
     try:
         report = analyse(args.run, args.out, scheduler=args.scheduler, workers=args.workers, jobs=args.jobs,
-                         overrides=args.overrides, memory_budget=parse_bytes(args.memory_budget),
-                         relabel=args.relabel, plots=not args.no_plots, progress=not args.quiet)
+                         overrides=args.overrides, config=args.config,
+                         memory_budget=parse_bytes(args.memory_budget), relabel=args.relabel,
+                         plots=not args.no_plots, progress=not args.quiet)
     except StopRequested as stop:
+        if not stop.progressed:
+            print(f"gap analyze: stopped before committing anything ({stop}): raise slurm.analysis.time "
+                  "or lower slurm.signal_seconds", file=sys.stderr)
+            return STOPPED_WITHOUT_PROGRESS
         print(f"gap analyze: stopped early ({stop}); run it again to go on after the finished layers")
         return 0
     finally:

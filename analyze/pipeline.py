@@ -41,7 +41,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -689,8 +691,6 @@ MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_":
 
 def _nanny_environ_export() -> str:
     """A shell line giving remote nannies our malloc settings (dask's other defaults kept)."""
-    import shlex
-
     import dask
     import distributed  # noqa: F401  (loads distributed's config defaults)
 
@@ -755,6 +755,8 @@ def slurm_cluster(analysis: Any = None, *, setup: Sequence[str] = (),
 
     ``analysis`` is a :class:`schemas.config.SlurmAnalysisConfig` (partition, cpus, mem, time,
     extra).  One worker process per CPU, one thread each (BLAS threads stay at one per process).
+    Memory: ``mem`` per job, or (``mem: null``) ``--mem-per-cpu`` in ``extra`` times ``cpus``
+    (see :func:`_worker_memory`).
 
     Examples
     --------
@@ -767,11 +769,13 @@ def slurm_cluster(analysis: Any = None, *, setup: Sequence[str] = (),
     from schemas.config import SlurmAnalysisConfig
 
     cfg = analysis or SlurmAnalysisConfig()
-    if cfg.mem is None:
-        raise GapError("slurm.analysis.mem is null: the Slurm analysis scheduler sizes its workers from "
-                       "it; set it (e.g. 32G) or use --scheduler local")
+    # dask-jobqueue prefixes "#SBATCH " itself
+    extra = [item.strip().removeprefix("#SBATCH").strip() for item in cfg.extra]
+    memory, job_mem = _worker_memory(cfg.mem, extra, cfg.cpus)
     security = Security.temporary()
-    kwargs: dict[str, Any] = {}
+    # job_mem None: no --mem line (sbatch refuses it beside --mem-per-cpu); else Slurm's own
+    # reading of "32G" (GiB) rather than dask's
+    kwargs: dict[str, Any] = {"job_mem": job_mem} if job_mem else {"job_directives_skip": ["--mem="]}
     if scratch is not None:
         if re.search(r"[^A-Za-z0-9_./+=,@-]", str(scratch)):
             # dask-jobqueue writes these paths into the workers' job script unquoted
@@ -780,13 +784,48 @@ def slurm_cluster(analysis: Any = None, *, setup: Sequence[str] = (),
         Path(scratch).mkdir(mode=0o750, parents=True, exist_ok=True)  # its TLS keys go there
         kwargs["shared_temp_directory"] = str(scratch)
         kwargs["log_directory"] = str(Path(scratch) / "logs")
-    # dask-jobqueue prefixes "#SBATCH " itself; job_mem: Slurm's own reading of "32G" (GiB)
-    extra = [item.strip().removeprefix("#SBATCH").strip() for item in cfg.extra]
-    cluster = SLURMCluster(cores=cfg.cpus, processes=cfg.cpus, memory=cfg.mem, job_mem=cfg.mem,
+    cluster = SLURMCluster(cores=cfg.cpus, processes=cfg.cpus, memory=memory,
                            walltime=cfg.time, queue=cfg.partition, job_extra_directives=extra,
+                           # dask-jobqueue writes the interpreter into the job script unquoted
+                           python=shlex.quote(sys.executable),
                            job_script_prologue=[*setup, _nanny_environ_export()],
                            security=security, protocol="tls",
                            # HTTP routes (scheduler's and workers') are unauthenticated: loopback only.
                            scheduler_options={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
                            worker_extra_args=["--dashboard-address", "127.0.0.1:0"], **kwargs)
     return cluster, security
+
+
+# Slurm's sizes: a number with an optional K/M/G/T (binary; megabytes without one).
+_SLURM_SIZE = re.compile(r"(\d+)([KMGT]?)")
+_PER_RESOURCE = re.compile(r"--mem-per-(cpu|gpu)(?:=|\s+)(\S*)")
+
+
+def _worker_memory(mem: str | None, extra: Sequence[str], cpus: int) -> tuple[str, str | None]:
+    """The memory of one analysis job for dask (``memory``) and for its ``--mem`` line (None: none).
+
+    ``slurm.analysis.mem``, or with ``mem: null`` the ``--mem-per-cpu`` of ``extra`` times
+    ``cpus`` (sites that refuse per-node memory), checked as ``slurm.render`` checks the sbatch
+    scripts (analyze does not import slurm).
+
+    >>> _worker_memory("32G", [], 4)
+    ('32G', '32G')
+    >>> _worker_memory(None, ["--mem-per-cpu=4G"], 4)
+    ('17179869184', None)
+    """
+    per = [(item, *m.groups()) for item in extra if (m := _PER_RESOURCE.search(item))]
+    if mem is not None:
+        if not _SLURM_SIZE.fullmatch(mem):
+            raise GapError(f"slurm.analysis.mem: {mem!r} is not a Slurm memory size (e.g. 64G, 500M, or null "
+                           "for none)")
+        if per:
+            raise GapError(f"slurm.analysis.mem={mem} and slurm.analysis.extra {per[0][0]!r} exclude each other "
+                           "in Slurm: set slurm.analysis.mem=null")
+        return mem, mem
+    size = _SLURM_SIZE.fullmatch(per[0][2]) if per and per[0][1] == "cpu" else None
+    if size is None:
+        raise GapError("slurm.analysis.mem is null: the Slurm analysis scheduler sizes its workers from it or "
+                       "from --mem-per-cpu=SIZE in slurm.analysis.extra; set one (e.g. 32G) or use "
+                       "--scheduler local")
+    number, unit = size.groups()
+    return str(int(number) * 1024 ** " KMGT".index(unit or "M") * cpus), None

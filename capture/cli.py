@@ -2,6 +2,8 @@
 
 Exit codes: 0 when every sample of the shard is ``ok`` or failed for a data reason (bad image,
 ...), also after a stop requested by SIGTERM/SIGUSR1 once the committed work is consistent;
+:data:`STOPPED_WITHOUT_PROGRESS` (3) after such a stop that committed no sample in this process
+(e.g. the time-limit warning came while the model was loading: a restart would stop there too);
 1 when samples failed for other reasons (NaN/inf, out of memory, a model or intervention error)
 or on a user-facing error (one line).  Those failures stay in the store until ``--resume --retry-failed``
 captures them again (after lowering ``capture.batch_size``, on a larger GPU, ...).
@@ -25,6 +27,9 @@ log = logging.getLogger("gap.capture")
 
 # Above this share of the run spent waiting for the store, the summary calls the run disk-bound.
 DISK_BOUND_SHARE = 0.25
+# Exit status of a stop that committed nothing: the Slurm job script (slurm.render.NO_PROGRESS_RC,
+# tested equal) then fails instead of requeueing the task into the same wall.
+STOPPED_WITHOUT_PROGRESS = 3
 
 DESCRIPTION = """Run the configured model over the configured dataset and write a run store.
 
@@ -219,6 +224,10 @@ def main(argv: list[str]) -> int:
           + (f": {held}" if held else ""))
     for line in stats.first_errors:
         print(f"  failed: {line}")
+    if stats.stopped_early and not (stats.n_ok + stats.n_failed):
+        print(f"gap capture: stopped before committing anything ({stop.signal or 'stop requested'}): "
+              "raise slurm.time or lower slurm.signal_seconds", file=sys.stderr)
+        return STOPPED_WITHOUT_PROGRESS
     if stats.stopped_early:
         print(f"gap capture: stopped early; rerun with --resume to finish shard {shard}/{n_shards} "
               f"({stop.signal or 'stop requested'}; the committed samples are consistent)")

@@ -91,17 +91,34 @@ def check_data(cfg: Config) -> str:
     return f"data {root} ({len(files)} files)"
 
 
+def hub_snapshot(repo_dir: Path, revision: str | None) -> Path | None:
+    """The snapshot of a cached hub repo that transformers loads offline, if it is there.
+
+    ``revision`` (default ``main``) names a snapshot directory (a commit) or a ref whose file
+    holds the commit, in that order, as ``huggingface_hub`` resolves it.
+    """
+    revision = revision or "main"
+    snapshots = repo_dir / "snapshots"
+    if (snapshots / revision).is_dir():
+        return snapshots / revision
+    ref = repo_dir / "refs" / revision
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    return None
+
+
 def model_dir(cfg: Config) -> Path:
-    """The local directory of ``model.path``: itself, or its snapshot in the hub cache."""
+    """The local directory of ``model.path``: itself, or the snapshot of ``model.revision`` (or
+    ``main``) in the hub cache, the one the loader reads."""
     path = Path(cfg.model.path).expanduser()
     if path.is_dir():
         return path
-    repo = _hub_cache() / f"models--{cfg.model.path.replace('/', '--')}"
-    snaps = sorted((repo / "snapshots").glob("*/config.json")) if (repo / "snapshots").is_dir() else []
-    if not snaps:
-        raise GapError(f"model.path {cfg.model.path} is neither a directory nor in the HF hub cache "
+    snapshot = hub_snapshot(_hub_cache() / f"models--{cfg.model.path.replace('/', '--')}", cfg.model.revision)
+    if snapshot is None:
+        at = f" at revision {cfg.model.revision}" if cfg.model.revision else ""
+        raise GapError(f"model.path {cfg.model.path} is neither a directory nor in the HF hub cache{at} "
                        f"{_hub_cache()} (compute nodes are offline): download it on a login node first")
-    return snaps[-1].parent
+    return snapshot
 
 
 def check_model(cfg: Config) -> tuple[str, int]:

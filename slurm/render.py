@@ -13,10 +13,17 @@ Preemption and time limits: the capture array asks for ``--signal=B:USR1@<signal
 capture runs in the batch step, not in an ``srun`` step); the shell passes it on to ``gap
 capture``, which finishes the current batch, commits and exits 0. The script then requeues itself
 (``--requeue``, ``--open-mode=append`` keeps one log) and the next start resumes from the store.
+A stop that committed nothing (the warning came while the model was still loading) exits
+:data:`NO_PROGRESS_RC` instead, and the script fails rather than requeue: every restart would hit
+the same wall.
 On ``scancel``, a time-limit kill or a preemption Slurm sends SIGTERM to every process of the job
 itself, so the shell does not forward SIGTERM (a second signal must not reach ``gap capture``) and
 only waits for it to commit.  The analysis job works the same way: on the warning ``gap analyze``
-stops, the job requeues itself, and the restart goes on after the geometry pass's finished layers.
+stops, the job requeues itself, and the restart goes on after the geometry pass's finished layers
+(or, when no new layer group was finished, exits :data:`NO_PROGRESS_RC` and is not requeued).
+
+Nothing from a config or the command line may carry a backslash, CR or LF into an ``#SBATCH``
+line (sbatch reads its own escapes there) or into the run and config paths.
 
 Examples
 --------
@@ -41,19 +48,33 @@ CAPTURE_SCRIPT = "capture.sbatch"
 ANALYSIS_SCRIPT = "analysis.sbatch"
 # A shard that keeps hitting its time limit without finishing is requeued at most this often.
 MAX_REQUEUES = 50
+# `gap capture` / `gap analyze` exit status after a stop that committed nothing new (their own
+# STOPPED_WITHOUT_PROGRESS, tested equal): the job is not requeued, a restart would stop there too.
+NO_PROGRESS_RC = 3
 
-_MEM = re.compile(r"^\d+[KMGT]?$")
+_MEM = re.compile(r"\d+[KMGT]?")
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
+_TIME = re.compile(r"\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}")
+# Characters no #SBATCH value may hold: sbatch reads its own escapes there, and a line break
+# would start a directive or a command of its own.
+_HEADER_FORBIDDEN = "\\\r\n"
 
 
-def _check_line(value: str, key: str) -> None:
-    if "\n" in value or "\r" in value:
-        raise ConfigError(f"{key}: {value!r} must be a single line")
+def _check_line(value: str, key: str, forbidden: str = "\r\n") -> None:
+    """Refuse a value with a line break (or another ``forbidden`` character), naming ``key``."""
+    if any(char in value for char in forbidden):
+        what = "a single line" if forbidden == "\r\n" else "a single line without backslashes"
+        raise ConfigError(f"{key}: {value!r} must be {what}")
+
+
+def _check_paths(run_dir: str, config_path: str) -> None:
+    """The run directory and config path land in #SBATCH lines (logs) and shell variables."""
+    for key, value in (("run directory", run_dir), ("config path", config_path)):
+        _check_line(value, key, _HEADER_FORBIDDEN)
 
 
 def _check_resources(mem: str | None, time: str, extra: Sequence[str], prefix: str) -> None:
-    if mem is not None and not _MEM.match(mem):
+    if mem is not None and not _MEM.fullmatch(mem):
         raise ConfigError(f"{prefix}.mem: {mem!r} is not a Slurm memory size (e.g. 64G, 500M, or null "
                           "for none)")
     per = [item for item in extra if re.search(r"--mem-per-(cpu|gpu)\b", item)]
@@ -61,7 +82,7 @@ def _check_resources(mem: str | None, time: str, extra: Sequence[str], prefix: s
         # sbatch refuses --mem together with either of these
         raise ConfigError(f"{prefix}.mem={mem} and {prefix}.extra {per[0].strip()!r} exclude each other "
                           f"in Slurm: set {prefix}.mem=null")
-    if not _TIME.match(time):
+    if not _TIME.fullmatch(time):
         raise ConfigError(f"{prefix}.time: {time!r} is not a Slurm time (e.g. \"02:00:00\", \"1-12:00:00\")")
 
 
@@ -120,7 +141,7 @@ def extra_directives(extra: Sequence[str], key: str) -> list[str]:
     out = []
     for i, item in enumerate(extra):
         item = item.strip()
-        _check_line(item, f"{key}[{i}]")
+        _check_line(item, f"{key}[{i}]", _HEADER_FORBIDDEN)
         if item.startswith("#SBATCH"):
             out.append(item)
         elif item.startswith("-"):
@@ -130,14 +151,17 @@ def extra_directives(extra: Sequence[str], key: str) -> list[str]:
     return out
 
 
-def _directive(option: str, value: object) -> str:
+def _directive(option: str, value: object, key: str | None = None) -> str:
+    """One ``#SBATCH --option=value`` line; ``key`` names the config key a bad value came from."""
+    _check_line(str(value), key or f"--{option}", _HEADER_FORBIDDEN)
     return f"#SBATCH --{option}={shlex.quote(str(value))}"
 
 
-def _resources(partition: str | None, cpus: int, mem: str | None, time: str) -> list[str]:
-    lines = [_directive("partition", partition)] if partition else []
+def _resources(partition: str | None, cpus: int, mem: str | None, time: str, prefix: str) -> list[str]:
+    lines = [_directive("partition", partition, f"{prefix}.partition")] if partition else []
     lines += [_directive("nodes", 1), _directive("ntasks", 1), _directive("cpus-per-task", cpus)]
-    return lines + ([_directive("mem", mem)] if mem is not None else []) + [_directive("time", time)]
+    return (lines + ([_directive("mem", mem, f"{prefix}.mem")] if mem is not None else [])
+            + [_directive("time", time, f"{prefix}.time")])
 
 
 def _prologue(setup: Sequence[str], variables: dict[str, str]) -> list[str]:
@@ -168,9 +192,11 @@ def render_script(header: Sequence[str], prologue: Sequence[str], command: Seque
 
 
 def _check_signal(signal_seconds: int, time: str, key: str) -> None:
-    if signal_seconds and signal_seconds >= time_seconds(time):
-        # The warning would come at the start: every job would requeue itself at once.
-        raise ConfigError(f"slurm.signal_seconds ({signal_seconds}) must be shorter than {key} ({time})")
+    # A warning in the first half of the job leaves less time to work than to commit: jobs would
+    # mostly requeue (or, stopped before their first commit, fail) instead of working.
+    if signal_seconds and 2 * signal_seconds > time_seconds(time):
+        raise ConfigError(f"slurm.signal_seconds ({signal_seconds}) must be at most half of {key} ({time}): "
+                          f"raise {key} or lower slurm.signal_seconds")
 
 
 def _background(command: str, on_term: str) -> list[str]:
@@ -221,6 +247,7 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
     >>> [line for line in s.splitlines() if line.startswith(("#SBATCH --array", "#SBATCH --gres", "#SBATCH --sig"))]
     ['#SBATCH --array=1,3', '#SBATCH --gres=gpu:4', '#SBATCH --signal=B:USR1@300']
     """
+    _check_paths(run_dir, config_path)
     _check_resources(slurm.mem, slurm.time, slurm.extra, "slurm")
     _check_signal(slurm.signal_seconds, slurm.time, "slurm.time")
     n = slurm.shards
@@ -230,7 +257,7 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
     log = log_pattern(PurePath(run_dir) / "slurm" / "logs", "capture_%A_%a.out")
     header = [_directive("job-name", _job_name("capture", run_dir)),
               _directive("array", array_spec(tasks)),
-              *_resources(slurm.partition, slurm.cpus, slurm.mem, slurm.time)]
+              *_resources(slurm.partition, slurm.cpus, slurm.mem, slurm.time, "slurm")]
     if slurm.gpus:
         header.append(_directive("gres", f"gpu:{slurm.gpus}"))
     header += [_directive("output", log), _directive("open-mode", "append"), "#SBATCH --requeue"]
@@ -255,18 +282,22 @@ def render_capture(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: S
     epilogue = ["# --- epilogue: stopped before the time limit -> back into the queue; the restart resumes",
                 # ARRAY_TASK, not SLURM_JOB_ID: for one task that id can be the array's, requeueing all.
                 'task="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
-                *_requeue_epilogue("gap capture shard $SHARD", "$task")]
+                *_requeue_epilogue("gap capture shard $SHARD", "$task", "slurm.time")]
     return render_script(header, prologue, command, epilogue)
 
 
 NOT_REQUEUED_RC = 75  # stopped early and not back in the queue (EX_TEMPFAIL)
 
 
-def _requeue_epilogue(what: str, task: str) -> list[str]:
+def _requeue_epilogue(what: str, task: str, time_key: str) -> list[str]:
     """Requeue ``task`` after a stop at the time-limit warning; when that cannot happen (the
-    requeue limit, or scontrol failing) exit non-zero, so that no ``afterok`` job starts on an
-    unfinished run."""
+    requeue limit, scontrol failing, or a stop without progress: :data:`NO_PROGRESS_RC`) exit
+    non-zero, so that no ``afterok`` job starts on an unfinished run."""
     return [
+        f'if [ "$rc" -eq {NO_PROGRESS_RC} ] && [ "$stopped" -eq 1 ]; then',
+        (f'    echo "{what} stopped before committing anything: raise {time_key} or lower '
+         'slurm.signal_seconds; not requeued" >&2'),
+        "fi",
         'if [ "$rc" -eq 0 ] && [ "$stopped" -eq 1 ]; then',
         f'    if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {MAX_REQUEUES} ]; then',
         f'        echo "{what} stopped early; requeueing {task}"',
@@ -280,42 +311,49 @@ def _requeue_epilogue(what: str, task: str) -> list[str]:
     ]
 
 
-def render_analysis(slurm: SlurmConfig, *, run_dir: str, gap: Sequence[str],
+def render_analysis(slurm: SlurmConfig, *, run_dir: str, config_path: str, gap: Sequence[str],
                     analyze_args: Sequence[str] = ()) -> str:
-    """The analysis job script (CPU): ``gap analyze RUN --out RUN/analysis --workers CPUS [analyze_args]``.
+    """The analysis job script (CPU): ``gap analyze RUN --config CONFIG --out RUN/analysis --workers
+    CPUS [analyze_args]``.
 
-    ``analyze_args`` are further ``gap analyze`` options (e.g. ``--no-plots``). The script is
-    submitted with ``--dependency=afterok:<capture array id>`` on the sbatch command line, since
-    that id exists only after the capture array is submitted.
+    ``config_path`` is the submission's config copy: its ``analysis`` and ``slurm`` sections
+    replace the run's, so settings changed at a resubmission take effect. ``analyze_args`` are
+    further ``gap analyze`` options (e.g. ``--no-plots``). The script is submitted with
+    ``--dependency=afterok:<capture array id>`` on the sbatch command line, since that id exists
+    only after the capture array is submitted.
 
     Examples
     --------
-    >>> s = render_analysis(SlurmConfig(), run_dir="/r", gap=["gap"])  # the site's default partition
+    >>> s = render_analysis(SlurmConfig(), run_dir="/r", config_path="/r/slurm/config.yaml",
+    ...                     gap=["gap"])  # the site's default partition
     >>> [line for line in s.splitlines() if "--partition" in line or line.startswith("gap analyze")]
-    ['gap analyze "$RUN" --out "$RUN/analysis" --workers 8 &']
-    >>> s = render_analysis(SlurmConfig(analysis={"partition": "cpu"}), run_dir="/r", gap=["gap"])
+    ['gap analyze "$RUN" --config "$CONFIG" --out "$RUN/analysis" --workers 8 &']
+    >>> s = render_analysis(SlurmConfig(analysis={"partition": "cpu"}), run_dir="/r", config_path="/r/c.yaml",
+    ...                     gap=["gap"])
     >>> [line for line in s.splitlines() if "--partition" in line]
     ['#SBATCH --partition=cpu']
     """
+    _check_paths(run_dir, config_path)
     ana: SlurmAnalysisConfig = slurm.analysis
     _check_resources(ana.mem, ana.time, ana.extra, "slurm.analysis")
     _check_signal(slurm.signal_seconds, ana.time, "slurm.analysis.time")
     log = log_pattern(PurePath(run_dir) / "slurm" / "logs", "analysis_%j.out")
     header = [_directive("job-name", _job_name("analyze", run_dir)),
-              *_resources(ana.partition, ana.cpus, ana.mem, ana.time),
+              *_resources(ana.partition, ana.cpus, ana.mem, ana.time, "slurm.analysis"),
               _directive("output", log), _directive("open-mode", "append"), "#SBATCH --requeue"]
     if slurm.signal_seconds:
         header.append(_directive("signal", f"B:USR1@{slurm.signal_seconds}"))
     header += [*extra_directives(ana.extra, "slurm.analysis.extra"),
                "# gap analysis: written by `gap slurm submit`; runs once every capture task succeeded."]
-    prologue = _prologue(slurm.setup, {"RUN": run_dir})
+    prologue = _prologue(slurm.setup, {"RUN": run_dir, "CONFIG": config_path})
     more = "".join(" " + shlex.quote(arg) for arg in analyze_args)
     command = ["# --- command: one Dask worker per allocated CPU (without task binding a job sees",
                "# every core of the node), in the background so that the shell can pass the",
                "# time-limit warning (SIGUSR1) on to it",
-               *_background(f'{shlex.join(gap)} analyze "$RUN" --out "$RUN/analysis" --workers {ana.cpus}{more}',
+               *_background(f'{shlex.join(gap)} analyze "$RUN" --config "$CONFIG" --out "$RUN/analysis" '
+                                        f'--workers {ana.cpus}{more}',
                             "gap analyze: SIGTERM")]
     epilogue = ["# --- epilogue: stopped before the time limit -> back into the queue; the restart goes on",
                 "# after the geometry pass's finished layers",
-                *_requeue_epilogue("gap analyze", "$SLURM_JOB_ID")]
+                *_requeue_epilogue("gap analyze", "$SLURM_JOB_ID", "slurm.analysis.time")]
     return render_script(header, prologue, command, epilogue)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -27,6 +28,10 @@ from schemas.run import RETRYABLE, STATUS_OK, shard_indices
 
 JOBS_FILE = "jobs.jsonl"
 CONFIG_FILE = "config.yaml"
+# The state of a job that neither squeue (failing) nor sacct could tell: it may still be queued.
+UNKNOWN = "unknown"
+# sacct's one line for the pending tasks of an array: 100_[1-3,5] (with an optional %throttle)
+_PENDING_TASKS = re.compile(r"(\d+)_\[([\d,-]+)(?:%\d+)?\]")
 
 
 @dataclass
@@ -86,21 +91,40 @@ def shard_jobs(submissions: Sequence[dict[str, Any]]) -> dict[int, str]:
     return out
 
 
+def _job_ids(text: str) -> list[str]:
+    """The job ids one squeue / sacct JobID stands for (sacct folds pending array tasks).
+
+    >>> _job_ids("100_[1-3,5%2]"), _job_ids("100_4")
+    (['100_1', '100_2', '100_3', '100_5'], ['100_4'])
+    """
+    folded = _PENDING_TASKS.fullmatch(text)
+    if not folded:
+        return [text]
+    job, spans = folded.groups()
+    tasks = []
+    for span in spans.split(","):
+        first, _, last = span.partition("-")
+        tasks += range(int(first), int(last or first) + 1)
+    return [f"{job}_{task}" for task in tasks]
+
+
 def _parse_states(text: str) -> dict[str, str]:
     states = {}
     for line in text.splitlines():
         bits = line.strip().split("|")
         if len(bits) >= 2 and bits[0]:
             # sacct writes "CANCELLED by 0"; the first word is the state.
-            states[bits[0]] = bits[1].split()[0] if bits[1].strip() else bits[1]
+            state = bits[1].split()[0] if bits[1].strip() else bits[1]
+            states.update(dict.fromkeys(_job_ids(bits[0]), state))
     return states
 
 
-def job_states(job_ids: Sequence[str], strict: bool = False) -> dict[str, str]:
+def job_states(job_ids: Sequence[str]) -> dict[str, str]:
     """Slurm state of each job id (``123`` or ``123_4``) that squeue or sacct still knows.
 
-    With ``strict``, a failing squeue (a controller timeout) that sacct cannot stand in for is a
-    :class:`GapError`: an empty answer would read as "nothing in the queue".
+    When squeue fails (a controller timeout) and sacct does not know a job either, its state is
+    ``unknown (squeue failed: REASON)`` (:data:`UNKNOWN`): it may still be queued, and leaving it
+    out would read as "not in the queue".
 
     Examples
     --------
@@ -114,18 +138,14 @@ def job_states(job_ids: Sequence[str], strict: bool = False) -> dict[str, str]:
     out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-u", getpass.getuser(),
                           "-o", "%i|%T"], capture_output=True, text=True, timeout=60, check=False)
     states = _parse_states(out.stdout) if out.returncode == 0 else {}
-    missing = [j for j in job_ids if j not in states]
-    accounted = False
-    if missing and shutil.which("sacct"):
+    if any(j not in states for j in job_ids) and shutil.which("sacct"):
         acct = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
                               capture_output=True, text=True, timeout=60, check=False)
-        accounted = acct.returncode == 0  # non-zero where accounting is disabled
-        if accounted:
+        if acct.returncode == 0:  # non-zero where accounting is disabled
             states.update({k: v for k, v in _parse_states(acct.stdout).items() if k not in states})
-    if strict and out.returncode != 0 and not accounted:
+    if out.returncode != 0:
         reason = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
-        raise GapError(f"squeue failed ({reason}): cannot tell whether jobs {', '.join(ids)} are still "
-                       "queued; try again")
+        states = {j: states.get(j, f"{UNKNOWN} (squeue failed: {reason})") for j in job_ids}
     return {j: states[j] for j in job_ids if j in states}
 
 

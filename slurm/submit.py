@@ -34,7 +34,7 @@ from pathlib import Path
 from schemas.config import Config, config_from_dict, config_to_yaml, first_difference, invariant_view, load_config
 from schemas.errors import GapError
 from slurm import render
-from slurm.status import CONFIG_FILE, JOBS_FILE, job_states, read_jobs, shard_jobs, shard_progress
+from slurm.status import CONFIG_FILE, JOBS_FILE, UNKNOWN, job_states, read_jobs, shard_jobs, shard_progress
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED",
                  "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -132,7 +132,8 @@ def plan_submission(config_path: str | Path, run_dir: str | Path, overrides: Seq
         plan.scripts[render.CAPTURE_SCRIPT] = render.render_capture(
             cfg.slurm, run_dir=str(run_dir), config_path=config_copy, gap=gap, tasks=tasks,
             retry_failed_before=datetime.now(timezone.utc).isoformat(timespec="seconds") if retry_failed else None)
-    plan.scripts[render.ANALYSIS_SCRIPT] = render.render_analysis(cfg.slurm, run_dir=str(run_dir), gap=gap,
+    plan.scripts[render.ANALYSIS_SCRIPT] = render.render_analysis(cfg.slurm, run_dir=str(run_dir),
+                                                                  config_path=config_copy, gap=gap,
                                                                   analyze_args=analyze_args)
     return plan
 
@@ -192,7 +193,12 @@ def _check_not_active(run_dir: Path) -> None:
     jobs = list(shard_jobs(submissions).values())
     if submissions[-1].get("analysis"):
         jobs.append(submissions[-1]["analysis"])
-    active = {j: s for j, s in job_states(jobs, strict=True).items() if s in ACTIVE_STATES}
+    states = job_states(jobs)
+    unknown = sorted(j for j, s in states.items() if s.startswith(UNKNOWN))
+    if unknown:  # possibly still queued: a second writer per shard must not start
+        raise GapError(f"{run_dir}: cannot tell whether jobs {', '.join(unknown)} are still queued "
+                       f"({states[unknown[0]]}); try again")
+    active = {j: s for j, s in states.items() if s in ACTIVE_STATES}
     if active:
         listed = ", ".join(f"{j} {s}" for j, s in sorted(active.items()))
         raise GapError(f"{run_dir} still has jobs in the queue ({listed}); wait for them or scancel them first")

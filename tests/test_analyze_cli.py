@@ -317,3 +317,78 @@ def test_one_line_errors_for_an_out_file_an_empty_run_and_a_file_as_run(tmp_path
     assert capsys.readouterr().err.strip().endswith("afile: not a directory")
     assert gap.main(["demo", "--out", str(afile)]) == 1
     assert capsys.readouterr().err.strip() == f"gap demo: error: --out {afile}: exists and is not a directory"
+
+
+def test_config_replaces_the_analysis_settings_of_the_run(tmp_path):
+    # what `gap slurm submit --set analysis.tau=0.5` resubmits: the analysis job passes its
+    # config copy, whose analysis (and slurm) sections win; model/data/capture stay the run's
+    import yaml
+
+    import gap
+    from analyze import open_analysis
+    from analyze.cli import run_config
+    from store import open_run
+
+    run, _ = make_run(tmp_path / "run", n=6, activations=False)
+    config = tmp_path / "resubmitted.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": "/elsewhere"}, "data": {"limit": 1},
+                                      "analysis": {"tau": 0.5, "bootstrap": 20},
+                                      "slurm": {"analysis": {"cpus": 3}}}))
+    cfg = run_config(open_run(run), ["analysis.bootstrap=30"], config)
+    stored = run_config(open_run(run), [])
+    assert (cfg.analysis.tau, cfg.analysis.bootstrap, cfg.slurm.analysis.cpus) == (0.5, 30, 3)
+    assert cfg.model == stored.model and cfg.data == stored.data and cfg.capture == stored.capture
+    out = tmp_path / "out"
+    assert gap.main(["analyze", str(run), "--config", str(config), "--out", str(out), "-q", "--no-plots"]) == 0
+    assert open_analysis(out).attrs["tau"] == 0.5
+
+
+def test_a_stop_before_any_new_layer_group_exits_without_progress(tmp_path, capsys, monkeypatch):
+    # The warning comes during the first layer group: nothing saved, a requeue would stop at the
+    # same point, so the exit status says so (the job script then does not requeue).
+    import signal
+
+    import analyze.pipeline as pipeline
+    import gap
+    from analyze.cli import STOPPED_WITHOUT_PROGRESS
+
+    run, _ = make_run(tmp_path / "run")
+    args = ["analyze", str(run), "--out", str(tmp_path / "out"), "--scheduler", "threads", "--workers", "1",
+            "-q", "--no-plots", "--memory-budget", "1", "--set", "analysis.bootstrap=20"]
+    original = pipeline._GroupPass.run
+
+    def warned(self, key):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, key)
+
+    monkeypatch.setattr(pipeline._GroupPass, "run", warned)
+    assert gap.main(args) == STOPPED_WITHOUT_PROGRESS == 3
+    captured = capsys.readouterr()
+    assert ("gap analyze: stopped before committing anything (SIGUSR1): raise slurm.analysis.time or lower "
+            "slurm.signal_seconds") in captured.err and "stopped early" not in captured.out
+
+
+def test_slurm_workers_run_a_quoted_interpreter_and_can_size_memory_per_cpu(tmp_path, monkeypatch):
+    from analyze.pipeline import slurm_cluster
+    from schemas.config import SlurmAnalysisConfig
+    from schemas.errors import GapError
+
+    monkeypatch.setattr(sys, "executable", "/opt/my env/bin/python")
+    scratch = tmp_path / "run" / "analysis" / ".dask"
+    # sites that refuse per-node memory: mem null, --mem-per-cpu in extra, workers sized from both
+    cfg = SlurmAnalysisConfig(cpus=4, mem=None, extra=["--mem-per-cpu=3G"])
+    cluster, _ = slurm_cluster(cfg, scratch=scratch)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "'/opt/my env/bin/python' -m distributed.cli.dask_worker" in script
+    assert "#SBATCH --mem-per-cpu=3G" in script and "--mem=" not in script
+    assert "--memory-limit 3.00GiB" in script  # 4 x 3G over 4 worker processes
+    with pytest.raises(GapError, match=r"^slurm.analysis.mem=32G and slurm.analysis.extra '--mem-per-cpu=3G' "
+                                       "exclude each other"):
+        slurm_cluster(SlurmAnalysisConfig(mem="32G", extra=["--mem-per-cpu=3G"]), scratch=scratch)
+    with pytest.raises(GapError, match=r"^slurm.analysis.mem: '32G\\n' is not a Slurm memory size"):
+        slurm_cluster(SlurmAnalysisConfig(mem="32G\n"), scratch=scratch)
+    with pytest.raises(GapError, match="^slurm.analysis.mem is null"):
+        slurm_cluster(SlurmAnalysisConfig(mem=None, extra=["--mem-per-gpu=3G"]), scratch=scratch)

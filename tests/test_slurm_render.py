@@ -70,7 +70,8 @@ def test_dry_run_4gpu_profile_matches_golden(tmp_path: Path, capsys: pytest.Capt
                  "umask 027", "export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1",
                  "RUN='/scratch/alice/runs/qwen3 4gpu'", 'gap slurm probe "$CONFIG" || exit 1',
                  'gap capture "$CONFIG" --out "$RUN" --shard "$SHARD" --resume &',
-                 'gap analyze "$RUN" --out "$RUN/analysis" --workers 8 &', "#SBATCH --partition=cpu",
+                 'gap analyze "$RUN" --config "$CONFIG" --out "$RUN/analysis" --workers 8 &',
+                 "CONFIG='/scratch/alice/runs/qwen3 4gpu/slurm/config.yaml'", "#SBATCH --partition=cpu",
                  "#SBATCH --mem=32G",
                  ("sbatch --parsable --dependency=afterok:\"$CAPTURE_ID\" --kill-on-invalid-dep=yes "
                   "'/scratch/alice/runs/qwen3 4gpu/slurm/analysis.sbatch'")]:
@@ -104,11 +105,44 @@ def test_array_spec(tasks: list[int], spec: str) -> None:
     ({"time": "2h"}, "slurm.time"),
     ({"extra": ["--mem-per-cpu=4G"]}, r"slurm.mem=64G and slurm.extra '--mem-per-cpu=4G' exclude"),
     ({"time": "00:05:00", "signal_seconds": 300}, "slurm.signal_seconds"),
+    # the warning must leave the job at least as long to work as it reserves for committing
+    ({"time": "00:09:00", "signal_seconds": 300}, r"slurm.signal_seconds \(300\) must be at most half of slurm.time"),
+    # a trailing line break passed `$`; a backslash or line break must not reach an #SBATCH line
+    ({"mem": "64G\n"}, "slurm.mem"),
+    ({"time": "02:00:00\n"}, "slurm.time"),
+    ({"partition": "gpu\n#SBATCH --x"}, "slurm.partition"),
+    ({"partition": "gpu\\"}, "slurm.partition"),
+    ({"extra": ["--qos=long\\"]}, "slurm.extra[0]"),
+    ({"extra": ["--qos=long\r--x"]}, "slurm.extra[0]"),
 ])
 def test_bad_slurm_values_are_one_line_errors(change: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")) as err:
         render.render_capture(SlurmConfig(**change), run_dir="/r", config_path="/r/c.yaml", gap=["gap"])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"mem": "32G\n"}, "slurm.analysis.mem"),
+    ({"time": "01:00:00\n"}, "slurm.analysis.time"),
+    ({"partition": "cpu\\"}, "slurm.analysis.partition"),
+    ({"extra": ["--account=x\n#SBATCH --y"]}, r"slurm.analysis.extra\[0\]"),
+])
+def test_bad_analysis_header_values_are_one_line_errors(change: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key) as err:
+        render.render_analysis(SlurmConfig(analysis=change), run_dir="/r", config_path="/r/c.yaml", gap=["gap"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("run_dir, config_path, key", [
+    ("/runs/r\n#SBATCH --x", "/r/c.yaml", "run directory"),
+    ("/runs/r\\1", "/r/c.yaml", "run directory"),
+    ("/runs/r", "/r/c\r.yaml", "config path"),
+])
+def test_paths_with_backslashes_or_line_breaks_are_refused(run_dir: str, config_path: str, key: str) -> None:
+    for render_one in (render.render_capture, render.render_analysis):
+        with pytest.raises(ConfigError, match=f"^{key}: ") as err:
+            render_one(SlurmConfig(), run_dir=run_dir, config_path=config_path, gap=["gap"])
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("text, seconds", [("45", 45 * 60), ("10:30", 10 * 60 + 30), ("02:00:00", 7200),
@@ -119,37 +153,39 @@ def test_time_seconds(text: str, seconds: int) -> None:
 
 
 def test_analysis_passes_extra_arguments_quoted() -> None:
-    text = render.render_analysis(SlurmConfig(), run_dir="/r", gap=["/opt/my env/bin/gap"],
-                                  analyze_args=["--set", "analysis.tau=0.02 ; rm x"])
-    assert ("'/opt/my env/bin/gap' analyze \"$RUN\" --out \"$RUN/analysis\" --workers 8 "
+    text = render.render_analysis(SlurmConfig(), run_dir="/r", config_path="/r/my config.yaml",
+                                  gap=["/opt/my env/bin/gap"], analyze_args=["--set", "analysis.tau=0.02 ; rm x"])
+    assert ("'/opt/my env/bin/gap' analyze \"$RUN\" --config \"$CONFIG\" --out \"$RUN/analysis\" --workers 8 "
             "--set 'analysis.tau=0.02 ; rm x'") in text
+    assert "CONFIG='/r/my config.yaml'" in text.splitlines()
 
 
 def test_memory_can_be_left_to_the_site_or_given_per_cpu() -> None:
     slurm = SlurmConfig(mem=None, extra=["--mem-per-cpu=4G"],
                         analysis={"mem": None, "extra": ["--mem-per-gpu 20G"]})
     capture = render.render_capture(slurm, run_dir="/r", config_path="/r/c.yaml", gap=["gap"])
-    analysis = render.render_analysis(slurm, run_dir="/r", gap=["gap"])
+    analysis = render.render_analysis(slurm, run_dir="/r", config_path="/r/c.yaml", gap=["gap"])
     assert "--mem=" not in capture and "#SBATCH --mem-per-cpu=4G" in capture
     assert "--mem=" not in analysis and "#SBATCH --mem-per-gpu 20G" in analysis
     with pytest.raises(ConfigError, match=r"^slurm.analysis.mem=32G and slurm.analysis.extra"):
-        render.render_analysis(SlurmConfig(analysis={"extra": ["--mem-per-cpu=1G"]}), run_dir="/r", gap=["gap"])
+        render.render_analysis(SlurmConfig(analysis={"extra": ["--mem-per-cpu=1G"]}), run_dir="/r",
+                               config_path="/r/c.yaml", gap=["gap"])
 
 
 def test_analysis_time_is_checked() -> None:
     slurm = SlurmConfig(analysis={"time": "1 hour"})
     with pytest.raises(ConfigError, match="slurm.analysis.time"):
-        render.render_analysis(slurm, run_dir="/r", gap=["gap"])
+        render.render_analysis(slurm, run_dir="/r", config_path="/r/c.yaml", gap=["gap"])
 
 
 HOSTILE = "/tmp/it's a \"run\" $HOME `id` 100%"
 
 
-def _fake_bin(tmp_path: Path, probe_rc: int = 0, capture_rc: int | None = None) -> Path:
+def _fake_bin(tmp_path: Path, probe_rc: int = 0, capture_rc: int | None = None, stop_rc: int = 0) -> Path:
     """``gap`` and ``scontrol`` stand-ins that record their argv (one JSON line per call).
 
     ``gap capture`` exits ``capture_rc`` at once, or (None) waits up to 10 s for SIGUSR1 and then
-    exits 0 with "stopped early", as capture/cli.py does.
+    exits ``stop_rc`` with "stopped early", as capture/cli.py does (``gap analyze`` waits too).
     """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -162,13 +198,13 @@ if sys.argv[1] == "slurm":
     sys.exit({probe_rc})
 if sys.argv[1] == "capture" and {capture_rc!r} is not None:
     sys.exit({capture_rc!r})
-if sys.argv[1] == "capture":
+if sys.argv[1] in ("capture", "analyze"):
     got = []
     signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
     open({str(tmp_path / "started")!r}, "w").close()
     for _ in range(200):
         if got:
-            print("stopped early"); sys.exit(0)
+            print("stopped early"); sys.exit({stop_rc})
         time.sleep(0.05)
 """)
     (bin_dir / "scontrol").write_text(f"""#!{sys.executable}
@@ -188,9 +224,26 @@ def test_script_passes_hostile_paths_verbatim_and_requeues_on_usr1(tmp_path: Pat
     its own array task, or fails when it may not (so that the analysis waiting on it never starts)."""
     bin_dir = _fake_bin(tmp_path)
     config = HOSTILE + "/slurm/config.yaml"
-    script = tmp_path / "capture.sbatch"
-    script.write_text(render.render_capture(SlurmConfig(shards=4, gpus=0), run_dir=HOSTILE,
-                                            config_path=config, gap=[str(bin_dir / "gap")]))
+    text = render.render_capture(SlurmConfig(shards=4, gpus=0), run_dir=HOSTILE, config_path=config,
+                                 gap=[str(bin_dir / "gap")])
+    returncode, out, err, calls = _warn_while_running(tmp_path, bin_dir, text, restarts)
+    assert calls[:2] == [["gap", "slurm", "probe", config],
+                         ["gap", "capture", config, "--out", HOSTILE, "--shard", "2/4", "--resume"]]
+    assert "stopped early" in out
+    if restarts < render.MAX_REQUEUES:
+        assert returncode == 0, err
+        assert calls[2:] == [["scontrol", "requeue", "77_2"]] and "requeueing 77_2" in out
+    else:
+        assert returncode == render.NOT_REQUEUED_RC and calls[2:] == []
+        assert "is not requeued (limit 50 or scontrol failed)" in err
+
+
+def _warn_while_running(tmp_path: Path, bin_dir: Path, text: str,
+                        restarts: int = 0) -> tuple[int, str, str, list[list[str]]]:
+    """Run a rendered job script with bash over the stand-ins, send it SIGUSR1 once its gap runs;
+    return (exit code, stdout, stderr, calls)."""
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "2",
            "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_ID": "79", "SLURM_RESTART_COUNT": str(restarts)}
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -201,15 +254,57 @@ def test_script_passes_hostile_paths_verbatim_and_requeues_on_usr1(tmp_path: Pat
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@N does: the batch shell only
     out, err = proc.communicate(timeout=30)
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
-    assert calls[:2] == [["gap", "slurm", "probe", config],
-                         ["gap", "capture", config, "--out", HOSTILE, "--shard", "2/4", "--resume"]]
-    assert "stopped early" in out
-    if restarts < render.MAX_REQUEUES:
-        assert proc.returncode == 0, err
-        assert calls[2:] == [["scontrol", "requeue", "77_2"]] and "requeueing 77_2" in out
-    else:
-        assert proc.returncode == render.NOT_REQUEUED_RC and calls[2:] == []
-        assert "is not requeued (limit 50 or scontrol failed)" in err
+    return proc.returncode, out, err, calls
+
+
+@pytest.mark.parametrize("kind, key", [("capture", "slurm.time"), ("analysis", "slurm.analysis.time")])
+def test_a_stop_without_progress_is_not_requeued(tmp_path: Path, kind: str, key: str) -> None:
+    """A warning before the first commit (a model still loading): requeueing would hit the same
+    wall up to MAX_REQUEUES times, so the job fails with the reason instead."""
+    bin_dir = _fake_bin(tmp_path, stop_rc=render.NO_PROGRESS_RC)
+    gap = [str(bin_dir / "gap")]
+    slurm = SlurmConfig(shards=4, gpus=0)
+    text = (render.render_capture(slurm, run_dir="/r", config_path="/r/c.yaml", gap=gap) if kind == "capture"
+            else render.render_analysis(slurm, run_dir="/r", config_path="/r/c.yaml", gap=gap))
+    returncode, _, err, calls = _warn_while_running(tmp_path, bin_dir, text)
+    assert returncode == render.NO_PROGRESS_RC
+    assert not [c for c in calls if c[0] == "scontrol"]
+    assert f"stopped before committing anything: raise {key} or lower slurm.signal_seconds; not requeued" in err
+
+
+def test_capture_and_analyze_exit_with_the_code_the_scripts_expect() -> None:
+    from analyze import cli as analyze_cli
+    from capture import cli as capture_cli
+
+    assert capture_cli.STOPPED_WITHOUT_PROGRESS == analyze_cli.STOPPED_WITHOUT_PROGRESS == render.NO_PROGRESS_RC
+    assert render.NO_PROGRESS_RC not in (0, 1, 2, render.NOT_REQUEUED_RC)  # success, GapError, argparse
+
+
+def test_capture_stopped_while_the_model_loads_exits_without_progress(tiny_checkpoint, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    import capture.family
+    from capture import cli as capture_cli
+
+    config = write_yaml(tmp_path / "c.yaml", {"model": {"path": str(tiny_checkpoint("llava", n_layers=2)),
+                                                        "dtype": "float32"},
+                                              "data": {"name": "synthetic", "limit": 2}})
+    loader = capture.family.load_model
+
+    def warned_while_loading(cfg):
+        os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's time-limit warning, before any batch
+        return loader(cfg)
+
+    monkeypatch.setattr(capture.family, "load_model", warned_while_loading)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        rc = capture_cli.main([str(config), "--out", str(tmp_path / "run"), "--no-progress"])
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert rc == render.NO_PROGRESS_RC
+    assert "stopped before committing anything (SIGUSR1): raise slurm.time or lower slurm.signal_seconds" in err
 
 
 def _run_single_task_script(tmp_path: Path, **fake: int) -> tuple[int, list[list[str]]]:
@@ -309,7 +404,7 @@ def test_a_failed_analysis_submission_still_records_the_capture(tmp_path: Path, 
         return real(command)
 
     monkeypatch.setattr(submit, "sbatch", rejects_analysis)
-    monkeypatch.setattr(submit, "job_states", lambda jobs, strict: {j: "RUNNING" for j in jobs})
+    monkeypatch.setattr(submit, "job_states", lambda jobs: {j: "RUNNING" for j in jobs})
     cfg = write_yaml(tmp_path / "c.yaml", {"model": {"path": "/m"}, "data": {"limit": 4},
                                            "slurm": {"shards": 2, "gpus": 0}})
     run = tmp_path / "run"
@@ -332,11 +427,28 @@ def test_a_failing_squeue_does_not_read_as_an_empty_queue(tmp_path: Path, fake_s
     (bin_dir / "squeue").chmod(0o755)
     (bin_dir / "sacct").write_text("#!/bin/sh\necho 'sacct: error: accounting storage is disabled' >&2\nexit 1\n")
     (bin_dir / "sacct").chmod(0o755)
-    with pytest.raises(GapError, match=r"^squeue failed \(squeue: error: Socket timed out on send/recv\): "
-                                       r"cannot tell whether jobs 100, 101 are still queued"):
+    with pytest.raises(GapError, match=r"run: cannot tell whether jobs 100_0, 100_1, 101 are still queued "
+                                       r"\(unknown \(squeue failed: squeue: error: Socket timed out on send/recv\)\); "
+                                       r"try again$"):
         submit.submit(submit.plan_submission(cfg, run, gap=["gap"]))
     assert len(status.read_jobs(run)) == 1  # nothing submitted twice
-    assert status.job_states(["100_0"]) == {}  # status itself shows the states as unknown
+    # status shows the states as unknown, not as "not in queue"
+    unknown = "unknown (squeue failed: squeue: error: Socket timed out on send/recv)"
+    assert status.job_states(["100_0"]) == {"100_0": unknown}
+    text = status.format_status(status.run_status(run))
+    assert f"100_1       {unknown}" in text and f"analysis: job 101 {unknown}" in text
+    assert "not in queue" not in text
+
+
+def test_sacct_pending_array_ranges_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # squeue has forgotten the array; sacct folds its pending tasks into one line
+    (tmp_path / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "sacct").write_text("#!/bin/sh\nprintf '100_0|COMPLETED\\n100_[1-3,5%%2]|PENDING\\n101|PENDING\\n'\n")
+    for name in ("squeue", "sacct"):
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert status.job_states(["100_0", "100_1", "100_3", "100_4", "100_5", "101"]) == {
+        "100_0": "COMPLETED", "100_1": "PENDING", "100_3": "PENDING", "100_5": "PENDING", "101": "PENDING"}
 
 
 def test_submit_without_sbatch_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -497,6 +609,8 @@ def test_probe_finds_hub_cache_entries(tmp_path: Path, hub: Path, capsys: pytest
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
     (snap / "model.safetensors").write_bytes(b"\0" * 10)
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("abc")
     (hub / "datasets--someone--chartqa-copy" / "snapshots" / "x").mkdir(parents=True)  # not the loader's repo
     with pytest.raises(GapError, match="HuggingFaceM4/ChartQA .* is not in the HF hub cache"):
         probe.main([str(_probe_config(tmp_path, model__path="org/tiny", data__name="chartqa"))])
@@ -577,3 +691,24 @@ def test_background_child_status_survives_the_warning(child, expected):
     for _ in range(3):
         out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=20).stdout
         assert tuple(int(x) for x in out.split()) in expected, out
+
+
+def test_probe_reads_the_snapshot_the_loader_reads(tmp_path: Path, hub: Path) -> None:
+    # refs/main (or model.revision), not the alphabetically last snapshot
+    repo = hub / "models--org--tiny"
+    for commit in ("aaa", "mmm", "zzz"):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa\n")
+    (repo / "refs" / "v2").write_text("mmm")
+
+    def snapshot(**model: object) -> Path:
+        return probe.model_dir(load_config(_probe_config(tmp_path, model__path="org/tiny", **model)))
+
+    assert snapshot() == repo / "snapshots" / "aaa"
+    assert snapshot(model__revision="v2") == repo / "snapshots" / "mmm"
+    assert snapshot(model__revision="zzz") == repo / "snapshots" / "zzz"
+    with pytest.raises(GapError, match="model.path org/tiny is neither a directory nor in the HF hub cache at "
+                                       "revision v3"):
+        snapshot(model__revision="v3")
