@@ -32,3 +32,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return cache[key]
 
     return build
+
+
+@pytest.fixture
+def signal_handlers():
+    """Restore the SIGTERM / SIGUSR1 handlers that ``gap capture`` installs."""
+    import signal
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in old.items():
+        signal.signal(s, handler)

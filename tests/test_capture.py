@@ -519,7 +519,7 @@ def _cli_config(tiny_checkpoint, tmp_path, limit: int):
     return config
 
 
-def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch, capsys, signal_handlers):
     import os
     import signal
 
@@ -532,23 +532,14 @@ def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch
         original(self, flight)
         os.kill(os.getpid(), signal.SIGUSR1)  # like Slurm's --signal before the time limit
 
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     monkeypatch.setattr(CaptureRunner, "_finish", finish_then_signal)
-    try:
-        rc = cli.main([str(config), "--out", str(tmp_path / "run"), "--no-progress"])
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    rc = cli.main([str(config), "--out", str(tmp_path / "run"), "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and "stopped early; rerun with --resume" in out
     first = open_run(tmp_path / "run").sizes["sample"]
     assert 2 <= first < 6
     monkeypatch.setattr(CaptureRunner, "_finish", original)
-    try:
-        assert cli.main([str(config), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    assert cli.main([str(config), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
     ds = open_run(tmp_path / "run")
     assert sorted(ds["sample_index"].values.tolist()) == list(range(6))
     out = capsys.readouterr().out
@@ -608,17 +599,6 @@ def no_model(monkeypatch):
         raise AssertionError("load_model was called")
 
     monkeypatch.setattr(capture.family, "load_model", load_model)
-
-
-@pytest.fixture
-def signal_handlers():
-    """Restore the SIGTERM / SIGUSR1 handlers that ``gap capture`` installs."""
-    import signal
-
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in old.items():
-        signal.signal(s, handler)
 
 
 def _store_only_config(tmp_path):

@@ -282,7 +282,8 @@ def test_capture_and_analyze_exit_with_the_code_the_scripts_expect() -> None:
 
 def test_capture_stopped_while_the_model_loads_exits_without_progress(tiny_checkpoint, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch,
-                                                                      capsys: pytest.CaptureFixture) -> None:
+                                                                      capsys: pytest.CaptureFixture,
+                                                                      signal_handlers: None) -> None:
     import capture.family
     from capture import cli as capture_cli
 
@@ -296,12 +297,7 @@ def test_capture_stopped_while_the_model_loads_exits_without_progress(tiny_check
         return loader(cfg)
 
     monkeypatch.setattr(capture.family, "load_model", warned_while_loading)
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        rc = capture_cli.main([str(config), "--out", str(tmp_path / "run"), "--no-progress"])
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    rc = capture_cli.main([str(config), "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == render.NO_PROGRESS_RC
     assert "stopped before committing anything (SIGUSR1): raise slurm.time or lower slurm.signal_seconds" in err
