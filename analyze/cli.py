@@ -38,7 +38,7 @@ EPILOG = """schedulers:
 examples:
   gap analyze runs/r1
   gap analyze runs/r1 --out /tmp/a --set analysis.cliff_method=gradient --set analysis.massive_k=50
-  gap analyze runs/r1 --config edited.yaml     # its analysis and slurm sections replace the run's
+  gap analyze runs/r1 --config edited.yaml     # the analysis/slurm keys it sets replace the run's
 """
 
 # Exit status of a stop that finished no new layer group: the Slurm job script
@@ -55,8 +55,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="local workers (default: one per available core)")
     p.add_argument("--jobs", type=int, default=1, help="Slurm jobs for --scheduler slurm (default 1)")
     p.add_argument("--config", metavar="FILE",
-                   help="a gap config whose analysis and slurm sections replace the run's (the model, "
-                        "data and capture sections stay the run's); --set applies on top")
+                   help="a gap config (or just its analysis/slurm keys): the keys it sets in its "
+                        "analysis and slurm sections replace the run's, the rest stays the run's; "
+                        "--set applies on top")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. analysis.tau=0.02 (VALUE is YAML); repeatable")
     p.add_argument("--memory-budget", default="256M",
@@ -101,18 +102,19 @@ def run_config(run: Any, overrides: list[str], config: str | Path | None = None)
     overrides : list of str
         ``--set KEY=VALUE`` items, applied last (analysis/slurm keys usually).
     config : path, optional
-        A gap config (e.g. ``RUN/slurm/config.yaml`` of a resubmission) whose ``analysis`` and
-        ``slurm`` sections replace the run's; its model, data and capture sections are ignored.
+        A gap config (e.g. ``RUN/slurm/config.yaml`` of a resubmission): the keys it sets in its
+        ``analysis`` and ``slurm`` sections replace the run's, the others stay the run's; its
+        model, data and capture sections (which it need not have) are ignored.
     """
     import yaml
 
-    from schemas.config import apply_overrides, config_from_dict, load_config
+    from schemas.config import apply_overrides, config_from_dict, deep_merge, read_config_yaml
 
     raw = yaml.safe_load(run.attrs.get("config_yaml") or "") or {"model": {"path": str(run.attrs.get("model_path"))}}
     source = "run config"
     if config is not None:
-        given = load_config(config).model_dump(mode="json")
-        raw.update({section: given[section] for section in ANALYSIS_SECTIONS})
+        given = read_config_yaml(config)
+        raw = deep_merge(raw, {section: given[section] for section in ANALYSIS_SECTIONS if section in given})
         source += f" + {config}"
     return config_from_dict(apply_overrides(raw, overrides), f"{source} + --set")
 
@@ -176,9 +178,17 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
     return write_report(analysis, decision, figures, out)
 
 
-def _saved_groups(scratch: Path) -> set[str]:
-    """The layer groups a stopped geometry pass has saved in ``scratch`` (a rerun skips them)."""
-    return {path.name for path in scratch.glob("layers-*.npz")}
+def _saved_groups(scratch: Path) -> set[tuple[str, int, int]]:
+    """The layer groups a stopped geometry pass has saved in ``scratch`` (a rerun skips them), as
+    files: a group saved again under its old name (the scratch restarted) is a new one."""
+    out = set()
+    for path in scratch.glob("layers-*.npz"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed with the scratch since the listing
+            continue
+        out.add((path.name, stat.st_ino, stat.st_mtime_ns))
+    return out
 
 
 def _jsonable(obj: Any) -> Any:

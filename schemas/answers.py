@@ -101,18 +101,20 @@ def normalize_vqa_answer(text: str) -> str:
 def most_common_answer(answers: Sequence[str], normalise: bool = True) -> str:
     """The answer most annotators gave: the largest group of equal answers (equal after
     :func:`normalize_vqa_answer` with ``normalise``), as first spelled; ties keep list order.
-    Blank answers never win while another exists.
+    Answers that are blank (or normalise to nothing, like ``"?"``) never win while another
+    exists, and the spelling returned is never blank while a non-blank answer exists.
 
     >>> most_common_answer(["a cat", "dog", "Dog!", "cat", "the dog"])
     'dog'
     >>> most_common_answer(["a cat", "dog", "Dog!", "cat", "the dog"], normalise=False)
     'a cat'
-    >>> most_common_answer(["", "", "no"])
-    'no'
+    >>> most_common_answer(["", "", "no"]), most_common_answer(["", "?", "?"])
+    ('no', '?')
     """
     groups: dict[str, list[str]] = {}
     for answer in answers:
         key = normalize_vqa_answer(answer) if normalise else answer
         groups.setdefault(key, []).append(answer)
     ranked = sorted(groups.items(), key=lambda kv: (not kv[0].strip(), -len(kv[1])))  # stable: list order
-    return ranked[0][1][0]
+    spelled = [a for a in ranked[0][1] if a.strip()] or [a for a in answers if a.strip()] or [""]
+    return spelled[0]

@@ -245,17 +245,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config with safe loading, apply ``--set`` overrides, validate.
-
-    Examples
-    --------
-    >>> import tempfile, os
-    >>> p = os.path.join(tempfile.mkdtemp(), "c.yaml")
-    >>> _ = open(p, "w").write("model: {path: /m}\\n")
-    >>> load_config(p, ["data.limit=3"]).data.limit
-    3
-    """
+def read_config_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's YAML as a plain mapping, not yet validated: safe loading, a key given twice
+    refused, one-line errors naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -269,7 +261,35 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    raw = apply_overrides(raw, overrides or [])
+    return raw
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with every key of ``update`` set into it, nested mappings merged key by key.
+
+    >>> deep_merge({"a": {"x": 1, "y": 2}, "b": 3}, {"a": {"y": 5}})
+    {'a': {'x': 1, 'y': 5}, 'b': 3}
+    """
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else value)
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config with safe loading, apply ``--set`` overrides, validate.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "c.yaml")
+    >>> _ = open(p, "w").write("model: {path: /m}\\n")
+    >>> load_config(p, ["data.limit=3"]).data.limit
+    3
+    """
+    path = Path(path)
+    raw = apply_overrides(read_config_yaml(path), overrides or [])
     try:
         return Config.model_validate(raw)
     except ValidationError as err:  # name the --set that brought the bad key, not the file

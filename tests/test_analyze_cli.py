@@ -341,6 +341,25 @@ def test_config_replaces_the_analysis_settings_of_the_run(tmp_path):
     out = tmp_path / "out"
     assert gap.main(["analyze", str(run), "--config", str(config), "--out", str(out), "-q", "--no-plots"]) == 0
     assert open_analysis(out).attrs["tau"] == 0.5
+    # a hand-written file with one key: that key changes, every other setting stays the run's
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("slurm: {analysis: {cpus: 3}}\n")
+    cfg = run_config(open_run(run), [], partial)
+    assert cfg.slurm.analysis.cpus == 3 and cfg.analysis == stored.analysis
+    assert cfg.slurm.analysis.model_dump(exclude={"cpus"}) == stored.slurm.analysis.model_dump(exclude={"cpus"})
+
+
+def test_a_layer_group_saved_again_under_its_old_name_counts_as_progress(tmp_path):
+    # a restarted scratch (another fingerprint) saves its groups under the same names
+    from analyze.cli import _saved_groups
+
+    group = tmp_path / "layers-0-1.npz"
+    group.write_bytes(b"first")
+    before = _saved_groups(tmp_path)
+    partial = tmp_path / ".layers-0-1.npz.partial"
+    partial.write_bytes(b"again")
+    os.replace(partial, group)  # as the pass saves a group
+    assert _saved_groups(tmp_path) - before
 
 
 def test_a_stop_before_any_new_layer_group_exits_without_progress(tmp_path, capsys, monkeypatch):
