@@ -77,7 +77,9 @@ def demo(argv: list[str]) -> int:
         model_path = (Path(__file__).parent / load_config(config).model.path).resolve()
     overrides = [f"model.path={model_path}", *args.overrides]
     out = Path(args.out)
-    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+    from store.layout import file_in_the_way
+
+    if file_in_the_way(out) is not None:
         raise GapError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path / "organism.json", out / "organism.json")

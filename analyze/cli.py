@@ -133,11 +133,11 @@ def analyse(run_dir: str | Path, out: str | Path | None = None, *, scheduler: st
     from analyze.decisions import decide
     from analyze.pipeline import geometry, open_client
     from analyze.report import write_report
-    from store import open_run, read_run
+    from store import layout, open_run, read_run
 
     state = read_run(run_dir)
     out = Path(out) if out else Path(run_dir) / "analysis"
-    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+    if layout.file_in_the_way(out) is not None:
         raise GapError(f"--out {out}: exists and is not a directory")
     if not any(part.commits for part in state.parts):
         raise GapError(f"{run_dir}: no committed samples yet; nothing to analyse")

@@ -57,6 +57,7 @@ import numpy as np
 from analyze.cka_maps import CKA_TOKENS, TokenGrams, cka_token_subset, layer_cka
 from analyze.metrics import (ROW_BUFFER_BYTES, Moments, RowAccumulator, cka_matrix, effective_rank_from_gram,
                              icc_shifted, massive_mask)
+from schemas.config import SLURM_SIZE, slurm_memory_per
 from schemas.errors import GapError
 
 log = logging.getLogger("gap.analyze")
@@ -796,33 +797,22 @@ def slurm_cluster(analysis: Any = None, *, setup: Sequence[str] = (),
     return cluster, security
 
 
-# Slurm's sizes: a number with an optional K/M/G/T (binary; megabytes without one).
-_SLURM_SIZE = re.compile(r"(\d+)([KMGT]?)")
-_PER_RESOURCE = re.compile(r"--mem-per-(cpu|gpu)(?:=|\s+)(\S*)")
-
-
 def _worker_memory(mem: str | None, extra: Sequence[str], cpus: int) -> tuple[str, str | None]:
     """The memory of one analysis job for dask (``memory``) and for its ``--mem`` line (None: none).
 
     ``slurm.analysis.mem``, or with ``mem: null`` the ``--mem-per-cpu`` of ``extra`` times
-    ``cpus`` (sites that refuse per-node memory), checked as ``slurm.render`` checks the sbatch
-    scripts (analyze does not import slurm).
+    ``cpus`` (sites that refuse per-node memory), checked as the sbatch scripts are
+    (:func:`schemas.config.slurm_memory_per`).
 
     >>> _worker_memory("32G", [], 4)
     ('32G', '32G')
     >>> _worker_memory(None, ["--mem-per-cpu=4G"], 4)
     ('17179869184', None)
     """
-    per = [(item, *m.groups()) for item in extra if (m := _PER_RESOURCE.search(item))]
+    per = slurm_memory_per(mem, list(extra), "slurm.analysis")
     if mem is not None:
-        if not _SLURM_SIZE.fullmatch(mem):
-            raise GapError(f"slurm.analysis.mem: {mem!r} is not a Slurm memory size (e.g. 64G, 500M, or null "
-                           "for none)")
-        if per:
-            raise GapError(f"slurm.analysis.mem={mem} and slurm.analysis.extra {per[0][0]!r} exclude each other "
-                           "in Slurm: set slurm.analysis.mem=null")
         return mem, mem
-    size = _SLURM_SIZE.fullmatch(per[0][2]) if per and per[0][1] == "cpu" else None
+    size = SLURM_SIZE.fullmatch(per[0][2]) if per and per[0][1] == "cpu" else None
     if size is None:
         raise GapError("slurm.analysis.mem is null: the Slurm analysis scheduler sizes its workers from it or "
                        "from --mem-per-cpu=SIZE in slurm.analysis.extra; set one (e.g. 32G) or use "

@@ -12,6 +12,7 @@ Examples
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
 
@@ -107,6 +108,34 @@ class CaptureConfig(Strict):
                              + ", ".join(TOKEN_SETS))
         chosen = [n for n in TOKEN_SETS if n in names]
         return "all" if len(chosen) == len(TOKEN_SETS) else chosen
+
+
+# Slurm's memory sizes: a number with an optional K/M/G/T (binary; megabytes without one).
+SLURM_SIZE = re.compile(r"(\d+)([KMGT]?)")
+_MEM_PER = re.compile(r"--mem-per-(cpu|gpu)\b(?:(?:=|\s+)(\S*))?")
+
+
+def slurm_memory_per(mem: str | None, extra: list[str], prefix: str) -> list[tuple[str, str, str]]:
+    """Check a job's ``mem`` against the ``--mem-per-cpu``/``--mem-per-gpu`` lines of its ``extra``
+    as sbatch would (it refuses both at once); return those lines as (line, cpu|gpu, size).
+
+    Both the rendered sbatch scripts and the Dask Slurm workers' job scripts are checked here.
+
+    >>> slurm_memory_per(None, ["--mem-per-cpu=4G", "-C gpu"], "slurm")
+    [('--mem-per-cpu=4G', 'cpu', '4G')]
+    >>> slurm_memory_per("64G", ["--mem-per-gpu=8G"], "slurm")
+    Traceback (most recent call last):
+    ...
+    schemas.config.ConfigError: slurm.mem=64G and slurm.extra '--mem-per-gpu=8G' exclude each other in Slurm: set slurm.mem=null
+    """
+    if mem is not None and not SLURM_SIZE.fullmatch(mem):
+        raise ConfigError(f"{prefix}.mem: {mem!r} is not a Slurm memory size (e.g. 64G, 500M, or null "
+                          "for none)")
+    per = [(item, m.group(1), m.group(2) or "") for item in extra if (m := _MEM_PER.search(item))]
+    if mem is not None and per:
+        raise ConfigError(f"{prefix}.mem={mem} and {prefix}.extra {per[0][0].strip()!r} exclude each other "
+                          f"in Slurm: set {prefix}.mem=null")
+    return per
 
 
 class SlurmAnalysisConfig(Strict):

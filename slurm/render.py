@@ -41,7 +41,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import PurePath
 
-from schemas.config import ConfigError, SlurmAnalysisConfig, SlurmConfig
+from schemas.config import ConfigError, SlurmAnalysisConfig, SlurmConfig, slurm_memory_per
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 CAPTURE_SCRIPT = "capture.sbatch"
@@ -52,7 +52,6 @@ MAX_REQUEUES = 50
 # STOPPED_WITHOUT_PROGRESS, tested equal): the job is not requeued, a restart would stop there too.
 NO_PROGRESS_RC = 3
 
-_MEM = re.compile(r"\d+[KMGT]?")
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME = re.compile(r"\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}")
 # Characters no #SBATCH value may hold: sbatch reads its own escapes there, and a line break
@@ -74,14 +73,7 @@ def _check_paths(run_dir: str, config_path: str) -> None:
 
 
 def _check_resources(mem: str | None, time: str, extra: Sequence[str], prefix: str) -> None:
-    if mem is not None and not _MEM.fullmatch(mem):
-        raise ConfigError(f"{prefix}.mem: {mem!r} is not a Slurm memory size (e.g. 64G, 500M, or null "
-                          "for none)")
-    per = [item for item in extra if re.search(r"--mem-per-(cpu|gpu)\b", item)]
-    if mem is not None and per:
-        # sbatch refuses --mem together with either of these
-        raise ConfigError(f"{prefix}.mem={mem} and {prefix}.extra {per[0].strip()!r} exclude each other "
-                          f"in Slurm: set {prefix}.mem=null")
+    slurm_memory_per(mem, list(extra), prefix)
     if not _TIME.fullmatch(time):
         raise ConfigError(f"{prefix}.time: {time!r} is not a Slurm time (e.g. \"02:00:00\", \"1-12:00:00\")")
 

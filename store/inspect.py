@@ -39,8 +39,7 @@ def _disk_usage(path: Path) -> tuple[int, int]:
     """Files and bytes of the run's own data (its root metadata and parts; not an analysis
     written inside the run directory)."""
     files = size = 0
-    tops = [path / "zarr.json", *(p for p in path.iterdir() if p.is_file() and p.name != "zarr.json")]
-    for top in tops:
+    for top in (p for p in path.iterdir() if p.is_file()):
         try:
             size += top.stat().st_size
             files += 1

@@ -261,6 +261,22 @@ def file_crc32(path: Path, bufsize: int = 8 << 20) -> int:
     return crc
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing one of ``path`` and its parents when it is not a directory (no
+    directory can be made at ``path`` then), else None.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); (d / "f").write_text("")
+    0
+    >>> file_in_the_way(d / "f" / "sub") == d / "f", file_in_the_way(d / "new" / "sub")
+    (True, None)
+    """
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
 def fsync_dir(path: Path) -> None:
     """Make the entries of directory ``path`` (files created or renamed in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

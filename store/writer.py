@@ -169,12 +169,10 @@ def _access_errors(run: Path) -> Iterator[None]:
 
 def _check_out(run: Path) -> None:
     """Refuse an ``--out`` that is (or lies under) a file, or a folder holding something else."""
-    for path in (run, *run.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "" if path == run else f"{path} "
-                raise GapError(f"--out {run}: {where}exists and is not a directory")
-            break
+    blocker = layout.file_in_the_way(run)
+    if blocker is not None:
+        where = "" if blocker == run else f"{blocker} "
+        raise GapError(f"--out {run}: {where}exists and is not a directory")
     # Leftovers of our own atomic writes start with a dot, and `gap slurm submit` writes its
     # scripts and config copy to slurm/ before the first task; anything else is foreign.
     if run.exists() and not (run / "zarr.json").exists() and any(
