@@ -457,6 +457,7 @@ def _texts(value: Any, keep_blank: bool = False) -> list[str]:
 
 
 OPTIONS = "\nOptions: "  # what follows a ScienceQA question in its prompt: the lettered choices
+CONTEXT = "Context: "  # what precedes a ScienceQA question that has a hint (LLaVA's CQM prompt order)
 
 
 def _row_to_sample(name: str, spec: Spec, row: dict[str, Any], sample_id: str,
@@ -464,7 +465,7 @@ def _row_to_sample(name: str, spec: Spec, row: dict[str, Any], sample_id: str,
     question = row.get(spec.question)
     if not isinstance(question, str) or not question.strip():
         raise DataError(sample_id, "empty question")
-    question = question.strip()
+    question = asked = question.strip()
     if name == "scienceqa":
         raw = row.get("choices")
         choices = [str(c).strip() for c in ([raw] if isinstance(raw, str) else raw or [])]
@@ -480,7 +481,11 @@ def _row_to_sample(name: str, spec: Spec, row: dict[str, Any], sample_id: str,
         # the prompt lists lettered options, so the option's letter is a gold answer too
         answers = [choices[answer_idx], letters[answer_idx]]
         options = " ".join(f"({letters[k]}) {c}" for k, c in enumerate(choices))
-        question = f"{question}{OPTIONS}{options}"
+        # The hint is the question's context (often what the question refers to, e.g. a passage
+        # for "Which word does not rhyme?"): without it such questions are unanswerable.
+        hint = row.get("hint")
+        context = f"{CONTEXT}{hint.strip()}\n" if isinstance(hint, str) and hint.strip() else ""
+        question = f"{context}{question}{OPTIONS}{options}"
     else:
         answers = _texts(row.get(spec.answers), keep_blank=name in VQA_SCORED)
         if not any(answers):
@@ -490,7 +495,7 @@ def _row_to_sample(name: str, spec: Spec, row: dict[str, Any], sample_id: str,
     # evaluation compares them); ties keep list order.
     answer = most_common_answer(answers, normalise=name in VQA_SCORED)
     return {"sample_id": sample_id, "image": image, "question": question, "answer": answer,
-            "answers": answers}
+            "answers": answers, "asked": asked}
 
 
 class Dataset:
@@ -533,8 +538,9 @@ class Dataset:
         except DataError as err:
             err.index = i
             raise
-        # the question as asked: ScienceQA's options would put their words into the cues
-        asked = sample["question"].split(OPTIONS)[0]
+        # labelled by the question as asked (synthetic samples have only that): ScienceQA's
+        # context and options would put their words into the cues
+        asked = sample.pop("asked", sample["question"])
         sample.update(index=i, sample_id=sid, subset=label_subset(self.name, asked, self.subset_mode))
         return sample
 
@@ -635,7 +641,8 @@ def open_dataset(data_cfg: DataConfig) -> Dataset:
         log.info("scienceqa/%s: %d of %d questions have an image", data_cfg.split,
                  int(keep.sum()), source.n_rows)
     rows = _select(source.n_rows, data_cfg, keep)
-    columns = [c for c in ("image", spec.question, spec.answers, "choices") if c in source.columns]
+    wanted = ("image", spec.question, spec.answers) + (("choices", "hint") if data_cfg.name == "scienceqa" else ())
+    columns = [c for c in wanted if c in source.columns]
 
     def load(row: int, sample_id: str) -> dict[str, Any]:
         try:

@@ -136,6 +136,27 @@ def test_scienceqa_subset_is_the_questions_and_an_empty_choice_is_refused(tmp_pa
         ds[3]
 
 
+def test_scienceqa_hint_is_the_context_before_the_question(tmp_path):
+    # LLaVA's CQM order: "Context: <hint>" line, the question, the lettered options; an empty
+    # hint adds no line; the subset label reads the question only (a hint with easy cues in it
+    # does not make the question easy)
+    q = "Which word does not rhyme?"
+    write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", {
+        "image": [image_cell(png())] * 3, "question": [q] * 3,
+        "choices": [["cat", "hat", "dog"]] * 3, "answer": [2, 2, 2],
+        "hint": ["  Look at the picture: what color is the hat?  ", "", None],
+    }, {"image": IMAGE_TYPE})
+    ds = open_dataset(cfg("scienceqa", tmp_path))
+    from capture.subsets import label_subset
+
+    assert ds[0]["question"] == ("Context: Look at the picture: what color is the hat?\n"
+                                 "Which word does not rhyme?\nOptions: (A) cat (B) hat (C) dog")
+    assert ds[1]["question"] == ds[2]["question"] == "Which word does not rhyme?\nOptions: (A) cat (B) hat (C) dog"
+    assert label_subset("scienceqa", "Look at the picture: what color is the hat?", ds.subset_mode) == "easy"
+    assert [ds[i]["subset"] for i in range(3)] == [label_subset("scienceqa", q, ds.subset_mode)] * 3 == ["medium"] * 3
+    assert "asked" not in ds[0]
+
+
 def test_scienceqa_text_only_rows_left_out_with_stable_ids(tmp_path):
     write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", {
         "image": [image_cell(png()), None, image_cell(png()), None, image_cell(png())],
