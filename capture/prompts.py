@@ -33,6 +33,8 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +45,12 @@ from schemas.errors import GapError
 
 # Processor outputs that are not per token: concatenated along dim 0 across samples.
 _STACKED_PREFIXES = ("pixel_values", "image_grid_thw", "video_grid_thw", "image_sizes")
+
+# The version of how a dataset sample becomes tokens (question text, template use, answer
+# placement, masks). Stored with the run, so a resumed run cannot mix two ways of prompting:
+# 2 put a reasoning template's answer after its closed think block (:func:`answer_lead`),
+# 3 gave ScienceQA questions their hint as context. Bump it with any such change.
+PROMPT_FORMAT = 3
 
 
 @dataclass
@@ -80,6 +88,20 @@ class PromptSample:
     def answer_positions(self) -> np.ndarray:
         """Indices (in the sample's own sequence) of the answer tokens."""
         return np.flatnonzero(self.is_answer)
+
+
+def prompt_identity(processor: Any) -> dict[str, Any]:
+    """What fixes a run's prompts besides its config: :data:`PROMPT_FORMAT` and the checkpoint's
+    chat template (a snapshot updated between two shards may bring another one).
+
+    >>> from types import SimpleNamespace
+    >>> prompt_identity(SimpleNamespace(chat_template="{{ messages }}"))["chat_template_sha256"][:12]
+    'f24189f08c85'
+    """
+    template = getattr(processor, "chat_template", None)
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return {"prompt_format": PROMPT_FORMAT,
+            "chat_template_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def build_messages(question: str, has_image: bool) -> list[dict[str, Any]]:

@@ -100,10 +100,12 @@ def build_coords(cfg: Config, n_layers: int) -> dict[str, list[Any]]:
 
 def make_spec(cfg: Config, loaded: LoadedModel, n_total: int) -> RunSpec:
     """The :class:`store.writer.RunSpec` of a capture run with this config and model."""
+    from capture.prompts import prompt_identity
     from store.writer import RunSpec
 
     layers = resolve_layers(cfg.capture.layers, loaded.n_layers) if cfg.capture.activations else []
-    return RunSpec(config=cfg, model_info=dict(loaded.info), layers=layers, hidden_size=loaded.hidden_size,
+    model_info = {**loaded.info, **prompt_identity(loaded.processor)}
+    return RunSpec(config=cfg, model_info=model_info, layers=layers, hidden_size=loaded.hidden_size,
                    hidden_encoding=storage_encoding(cfg), coords=build_coords(cfg, loaded.n_layers),
                    n_total=n_total)
 

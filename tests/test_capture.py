@@ -547,6 +547,38 @@ def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch
     assert "gap capture: store: " in out and "the model waited for it " in out
 
 
+def test_resume_refuses_other_prompts(tiny_checkpoint, tmp_path, monkeypatch, signal_handlers):
+    # A resumed run must not mix two ways of prompting: samples captured before and after a
+    # change of gap's prompt format or of the checkpoint's chat template would differ silently.
+    import json
+    import shutil
+
+    import yaml
+
+    import capture.prompts
+    from capture import cli
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint("llava", n_layers=2), checkpoint)
+    config = _cli_config(tiny_checkpoint, tmp_path, limit=2)
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()),
+                                      "model": {"path": str(checkpoint), "dtype": "float32"}}))
+    run = tmp_path / "run"
+    assert cli.main([str(config), "--out", str(run), "--no-progress"]) == 0
+    assert json.loads(open_run(run).attrs["model_info"])["prompt_format"] == capture.prompts.PROMPT_FORMAT
+    assert cli.main([str(config), "--out", str(run), "--resume", "--no-progress"]) == 0  # same prompts
+
+    monkeypatch.setattr(capture.prompts, "PROMPT_FORMAT", capture.prompts.PROMPT_FORMAT + 1)
+    with pytest.raises(GapError, match=r"'model\.prompt_format' differs"):
+        cli.main([str(config), "--out", str(run), "--resume", "--no-progress"])
+    monkeypatch.undo()
+
+    template = checkpoint / "chat_template.jinja"
+    template.write_text(template.read_text().replace("ASSISTANT:", "ASSISTANT :"))
+    with pytest.raises(GapError, match=r"'model\.chat_template_sha256' differs"):
+        cli.main([str(config), "--out", str(run), "--resume", "--no-progress"])
+
+
 def test_retry_failed_recaptures_non_data_failures(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     # A sample that ran out of memory alone stays failed on a plain --resume; --retry-failed
     # captures it again, its new record replaces the failed one, and the run is whole.
