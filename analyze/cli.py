@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import GapError
+from schemas.run import STOPPED_WITHOUT_PROGRESS
 
 log = logging.getLogger("gap.analyze")
 
@@ -40,10 +41,6 @@ examples:
   gap analyze runs/r1 --out /tmp/a --set analysis.cliff_method=gradient --set analysis.massive_k=50
   gap analyze runs/r1 --config edited.yaml     # the analysis/slurm keys it sets replace the run's
 """
-
-# Exit status of a stop that finished no new layer group: the Slurm job script
-# (slurm.render.NO_PROGRESS_RC, tested equal) then fails instead of requeueing into the same wall.
-STOPPED_WITHOUT_PROGRESS = 3
 
 
 def parser() -> argparse.ArgumentParser:

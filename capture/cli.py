@@ -2,8 +2,9 @@
 
 Exit codes: 0 when every sample of the shard is ``ok`` or failed for a data reason (bad image,
 ...), also after a stop requested by SIGTERM/SIGUSR1 once the committed work is consistent;
-:data:`STOPPED_WITHOUT_PROGRESS` (3) after such a stop that committed no sample in this process
-(e.g. the time-limit warning came while the model was loading: a restart would stop there too);
+:data:`schemas.run.STOPPED_WITHOUT_PROGRESS` (3) after such a stop that committed no sample in
+this process (e.g. the time-limit warning came while the model was loading: a restart would stop
+there too);
 1 when samples failed for other reasons (NaN/inf, out of memory, a model or intervention error)
 or on a user-facing error (one line).  Those failures stay in the store until ``--resume --retry-failed``
 captures them again (after lowering ``capture.batch_size``, on a larger GPU, ...).
@@ -22,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import GapError
+from schemas.run import STOPPED_WITHOUT_PROGRESS
 
 log = logging.getLogger("gap.capture")
 
 # Above this share of the run spent waiting for the store, the summary calls the run disk-bound.
 DISK_BOUND_SHARE = 0.25
-# Exit status of a stop that committed nothing: the Slurm job script (slurm.render.NO_PROGRESS_RC,
-# tested equal) then fails instead of requeueing the task into the same wall.
-STOPPED_WITHOUT_PROGRESS = 3
 
 DESCRIPTION = """Run the configured model over the configured dataset and write a run store.
 

@@ -22,6 +22,9 @@ STATUS_NONFINITE = "nonfinite"
 STATUS_OOM = "oom"
 STATUS_ERROR = "error"
 RETRYABLE = (STATUS_NONFINITE, STATUS_OOM, STATUS_ERROR)
+# Exit status of `gap capture` / `gap analyze` after a stop (SIGUSR1/SIGTERM) that committed
+# nothing new: the Slurm job scripts then fail instead of requeueing into the same wall.
+STOPPED_WITHOUT_PROGRESS = 3
 TOKEN_FLAG_VISUAL = 1
 TOKEN_FLAG_TEXT = 2
 TOKEN_FLAG_ANSWER = 4

@@ -14,13 +14,14 @@ capture runs in the batch step, not in an ``srun`` step); the shell passes it on
 capture``, which finishes the current batch, commits and exits 0. The script then requeues itself
 (``--requeue``, ``--open-mode=append`` keeps one log) and the next start resumes from the store.
 A stop that committed nothing (the warning came while the model was still loading) exits
-:data:`NO_PROGRESS_RC` instead, and the script fails rather than requeue: every restart would hit
-the same wall.
+:data:`schemas.run.STOPPED_WITHOUT_PROGRESS` instead, and the script fails rather than requeue:
+every restart would hit the same wall.
 On ``scancel``, a time-limit kill or a preemption Slurm sends SIGTERM to every process of the job
 itself, so the shell does not forward SIGTERM (a second signal must not reach ``gap capture``) and
 only waits for it to commit.  The analysis job works the same way: on the warning ``gap analyze``
 stops, the job requeues itself, and the restart goes on after the geometry pass's finished layers
-(or, when no new layer group was finished, exits :data:`NO_PROGRESS_RC` and is not requeued).
+(or, when no new layer group was finished, exits :data:`~schemas.run.STOPPED_WITHOUT_PROGRESS`
+and is not requeued).
 
 Nothing from a config or the command line may carry a backslash, CR or LF into an ``#SBATCH``
 line (sbatch reads its own escapes there) or into the run and config paths.
@@ -42,15 +43,13 @@ from collections.abc import Sequence
 from pathlib import PurePath
 
 from schemas.config import ConfigError, SlurmAnalysisConfig, SlurmConfig, slurm_memory_per
+from schemas.run import STOPPED_WITHOUT_PROGRESS
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 CAPTURE_SCRIPT = "capture.sbatch"
 ANALYSIS_SCRIPT = "analysis.sbatch"
 # A shard that keeps hitting its time limit without finishing is requeued at most this often.
 MAX_REQUEUES = 50
-# `gap capture` / `gap analyze` exit status after a stop that committed nothing new (their own
-# STOPPED_WITHOUT_PROGRESS, tested equal): the job is not requeued, a restart would stop there too.
-NO_PROGRESS_RC = 3
 
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME = re.compile(r"\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}")
@@ -283,10 +282,11 @@ NOT_REQUEUED_RC = 75  # stopped early and not back in the queue (EX_TEMPFAIL)
 
 def _requeue_epilogue(what: str, task: str, time_key: str) -> list[str]:
     """Requeue ``task`` after a stop at the time-limit warning; when that cannot happen (the
-    requeue limit, scontrol failing, or a stop without progress: :data:`NO_PROGRESS_RC`) exit
-    non-zero, so that no ``afterok`` job starts on an unfinished run."""
+    requeue limit, scontrol failing, or a stop without progress:
+    :data:`~schemas.run.STOPPED_WITHOUT_PROGRESS`) exit non-zero, so that no ``afterok`` job starts
+    on an unfinished run."""
     return [
-        f'if [ "$rc" -eq {NO_PROGRESS_RC} ] && [ "$stopped" -eq 1 ]; then',
+        f'if [ "$rc" -eq {STOPPED_WITHOUT_PROGRESS} ] && [ "$stopped" -eq 1 ]; then',
         (f'    echo "{what} stopped before committing anything: raise {time_key} or lower '
          'slurm.signal_seconds; not requeued" >&2'),
         "fi",

@@ -261,13 +261,13 @@ def _warn_while_running(tmp_path: Path, bin_dir: Path, text: str,
 def test_a_stop_without_progress_is_not_requeued(tmp_path: Path, kind: str, key: str) -> None:
     """A warning before the first commit (a model still loading): requeueing would hit the same
     wall up to MAX_REQUEUES times, so the job fails with the reason instead."""
-    bin_dir = _fake_bin(tmp_path, stop_rc=render.NO_PROGRESS_RC)
+    bin_dir = _fake_bin(tmp_path, stop_rc=render.STOPPED_WITHOUT_PROGRESS)
     gap = [str(bin_dir / "gap")]
     slurm = SlurmConfig(shards=4, gpus=0)
     text = (render.render_capture(slurm, run_dir="/r", config_path="/r/c.yaml", gap=gap) if kind == "capture"
             else render.render_analysis(slurm, run_dir="/r", config_path="/r/c.yaml", gap=gap))
     returncode, _, err, calls = _warn_while_running(tmp_path, bin_dir, text)
-    assert returncode == render.NO_PROGRESS_RC
+    assert returncode == render.STOPPED_WITHOUT_PROGRESS
     assert not [c for c in calls if c[0] == "scontrol"]
     assert f"stopped before committing anything: raise {key} or lower slurm.signal_seconds; not requeued" in err
 
@@ -276,8 +276,9 @@ def test_capture_and_analyze_exit_with_the_code_the_scripts_expect() -> None:
     from analyze import cli as analyze_cli
     from capture import cli as capture_cli
 
-    assert capture_cli.STOPPED_WITHOUT_PROGRESS == analyze_cli.STOPPED_WITHOUT_PROGRESS == render.NO_PROGRESS_RC
-    assert render.NO_PROGRESS_RC not in (0, 1, 2, render.NOT_REQUEUED_RC)  # success, GapError, argparse
+    assert (capture_cli.STOPPED_WITHOUT_PROGRESS == analyze_cli.STOPPED_WITHOUT_PROGRESS
+            == render.STOPPED_WITHOUT_PROGRESS)
+    assert render.STOPPED_WITHOUT_PROGRESS not in (0, 1, 2, render.NOT_REQUEUED_RC)  # success, GapError, argparse
 
 
 def test_capture_stopped_while_the_model_loads_exits_without_progress(tiny_checkpoint, tmp_path: Path,
@@ -299,7 +300,7 @@ def test_capture_stopped_while_the_model_loads_exits_without_progress(tiny_check
     monkeypatch.setattr(capture.family, "load_model", warned_while_loading)
     rc = capture_cli.main([str(config), "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == render.NO_PROGRESS_RC
+    assert rc == render.STOPPED_WITHOUT_PROGRESS
     assert "stopped before committing anything (SIGUSR1): raise slurm.time or lower slurm.signal_seconds" in err
 
 
