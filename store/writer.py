@@ -289,11 +289,13 @@ class RunWriter:
         except BaseException:
             self._lock_fh.close()  # a caller that catches the error may open the shard again
             raise
-        # each committed sample's latest status: a failed one may be captured again (a retry)
-        self.committed_status: dict[int, str] = {s["index"]: s["status"] for s in layout.latest_samples(commits)}
-        # when each sample's latest record was committed (ISO 8601, UTC; a retry may redo only the
-        # failures committed before some time)
-        self.committed_time: dict[int, str] = {s["index"]: c["time"] for c in commits for s in c["samples"]}
+        # each committed sample's latest status (a failed one may be captured again: a retry) and
+        # when that record was committed (ISO 8601, UTC; a retry may redo only the failures
+        # committed before some time); later commits replace earlier ones (_note_committed)
+        self.committed_status: dict[int, str] = {}
+        self.committed_time: dict[int, str] = {}
+        for commit in commits:
+            self._note_committed(commit)
         self.n_committed_segments = len(commits)
         self._cursor = commits[-1]["end"] if commits else 0  # next block-aligned token offset
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -591,10 +593,16 @@ class RunWriter:
         if new_log:
             layout.fsync_dir(self.dir)
         self.n_committed_segments += 1
-        self.committed_status.update((s["index"], s["status"]) for s in samples)
-        self.committed_time.update((s["index"], commit["time"]) for s in samples)
+        self._note_committed(commit)
         state.update(start=end, filled=end, t0=time.monotonic())
         log.debug("committed segment %d (%d samples) of %s", commit["segment"], len(samples), self.dir)
+
+
+    def _note_committed(self, commit: dict[str, Any]) -> None:
+        """Record the status and commit time of the samples of ``commit`` (the latest one so far)."""
+        for sample in commit["samples"]:
+            self.committed_status[sample["index"]] = sample["status"]
+            self.committed_time[sample["index"]] = commit["time"]
 
 
 def _write_files(block_index: int, files: list[tuple[Path, Any]]) -> tuple[int, list[int]]:
