@@ -84,7 +84,8 @@ def render_report(ds: Any, decision: dict[str, Any], figures: dict[str, list[Pat
         window = ds["transfer_window"].values
         lines += ["## Causal tracing", "",
                   f"Cliff layer ({attrs.get('cliff_method')}): **{_fmt(float(ds['cliff_layer']))}**, the "
-                  f"last layer whose visual states still matter; all methods: {cliffs}. tau = {_fmt(attrs.get('tau'))} ({attrs.get('tau_source')}); "
+                  f"last layer whose visual states still matter; all methods: {cliffs}. "
+                  f"tau = {_fmt(attrs.get('tau'))} ({attrs.get('tau_source')}); "
                   f"EVD from method `{attrs.get('evd_method')}`, visual channel. Transfer window "
                   f"{_fmt(window[0])} to {_fmt(window[1])}."]
         if "transfer_point" in ds:

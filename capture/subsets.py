@@ -3,8 +3,8 @@
 The cues are RESEARCH.md's ("Subsets, data and scoring"): in ChartQA and DocVQA a hard cue (a
 comparison, a count, a lookup in a table) makes a question hard, else an easy cue (a plain
 attribute) makes it easy, else the dataset's own level applies (ChartQA and DocVQA hard, TextVQA
-and ScienceQA medium, VQAv2 easy). A
-better label comes later from a run's truncation results (``analyze.subsets.relabel``).
+and ScienceQA medium, VQAv2 easy). A better label comes later from a run's truncation results
+(``analyze.subsets.relabel``).
 
 Examples
 --------

@@ -96,8 +96,6 @@ def normalize_vqa_answer(text: str) -> str:
     return _process_digit_article(_process_punctuation(text))
 
 
-
-
 def most_common_answer(answers: Sequence[str], normalise: bool = True) -> str:
     """The answer most annotators gave: the largest group of equal answers (equal after
     :func:`normalize_vqa_answer` with ``normalise``), as first spelled; ties keep list order.

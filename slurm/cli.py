@@ -13,7 +13,8 @@ examples:
 
 Scripts, the config copy every job reads, and logs are written to RUN/slurm/. A capture task
 asks Slurm for SIGUSR1 slurm.signal_seconds before its time limit, commits what it has and
-requeues itself (a task stopped before committing anything fails instead: raise slurm.time). After a cancelled or failed task, run the same `gap slurm submit` again: it
+requeues itself (a task stopped before committing anything fails instead: raise slurm.time).
+After a cancelled or failed task, run the same `gap slurm submit` again: it
 resubmits only the shards with samples left (they resume from the store), then the analysis;
 with --retry-failed (e.g. after --set capture.batch_size=1) also the shards with samples that
 failed for a non-data reason, which are captured again.
