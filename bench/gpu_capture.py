@@ -11,7 +11,8 @@ tokens) and a word-level tokenizer, and ~640-token samples. Then, alternating, i
 
 - ``plain``: the same samples encoded, collated and run through ``model(...)`` (no capture),
   before nnsight ever wraps the model; encoding runs on the loop's thread there, while the capture
-  reads and encodes ahead on a thread of its own (``encode_collate_ms`` says what that is worth);
+  reads ahead on a thread and encodes in a worker process (``encode_collate_ms`` says what that
+  is worth);
 - ``capture``: :class:`capture.runner.CaptureRunner` writing every layer x every token to a
   run store on local disk (nnsight trace, device gather, pinned async copy, writer threads);
   its LM head projects only the positions that score the answer, where ``model(...)`` projects
@@ -20,7 +21,8 @@ tokens) and a word-level tokenizer, and ~640-token samples. Then, alternating, i
   records; no gather, host copy or block write), to tell the trace's cost from the store's;
 - ``memfs``: the capture again with the run store on ``/dev/shm`` (RAM, where fsync costs
   nothing): the tool's own overhead when storage keeps up, as a fast parallel filesystem would;
-  then once each with 2, 4 and 8 I/O threads (how many such a store can use);
+  then once with the processor on a thread of the capture's process instead of its worker
+  process (``memfs_thread_encode_ms``: what the process saves the GIL-bound loop);
 - the disk: raw ``write`` of the same number of bytes (page cache, from as many threads as the
   store writes with) and the same with ``fsync`` (the sustained device speed).
 
@@ -164,12 +166,13 @@ def time_plain(loaded: Any, samples: list[dict[str, Any]], batch_size: int) -> t
 
 
 def time_capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, run: Path,
-             activations: bool = True) -> tuple[float, int, int, float]:
+                 activations: bool = True, encode_in_process: bool | None = None) -> tuple[float, int, int, float]:
     """Seconds to capture every layer into a fresh run (final flush included), bytes, n ok, and
     the seconds of it the loop waited for the store.
 
     With ``activations=False`` only the traced forward, its checks and the per-sample records
     run: the capture's cost without the device gather, host copies and block writes.
+    ``encode_in_process`` is :class:`capture.runner.CaptureRunner`'s (None: its default).
     """
     from capture.runner import CaptureRunner, make_spec
     from schemas.config import config_from_dict
@@ -179,7 +182,8 @@ def time_capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, ru
                             "capture": {"batch_size": batch_size, "activations": activations}})
     spec = make_spec(cfg, loaded, n_total=len(samples))
     writer = RunWriter(run, spec)
-    runner = CaptureRunner(loaded, cfg, spec, writer)
+    # started before the timing: a GPU runner's encoder process (seconds, once per shard)
+    runner = CaptureRunner(loaded, cfg, spec, writer, encode_in_process=encode_in_process)
     _sync(loaded)
     start = time.perf_counter()
     try:
@@ -187,6 +191,7 @@ def time_capture(loaded: Any, samples: list[dict[str, Any]], batch_size: int, ru
         _sync(loaded)
     finally:
         writer.close()
+        runner.close()
     return time.perf_counter() - start, writer.bytes_written, stats.n_ok, writer.wait_seconds
 
 
@@ -254,25 +259,11 @@ def _memfs_fits(n_bytes: int) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _io_threads(threads: int) -> Iterator[None]:
-    """The store's writers use ``threads`` I/O threads inside the block."""
-    import store.writer
-
-    default, store.writer.IO_THREADS = store.writer.IO_THREADS, threads
-    try:
-        yield
-    finally:
-        store.writer.IO_THREADS = default
-
-
 def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> None:
     """Build one shape, time plain then capture, print its figures."""
     import shutil
 
     import torch
-
-    import store.writer
 
     layers = None
     while True:
@@ -295,10 +286,11 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
         plain, forward = zip(*[time_plain(loaded, samples, args.batch_size) for _ in range(args.repeats)])
     time_capture(loaded, warm, args.batch_size, workdir / f"{name}_warm")
 
-    def captures(directory: Path, tag: str, repeats: int = args.repeats) -> list[tuple[float, int, int, float]]:
+    def captures(directory: Path, tag: str, repeats: int = args.repeats,
+                 **kwargs: Any) -> list[tuple[float, int, int, float]]:
         out = []
         for rep in range(repeats):
-            out.append(time_capture(loaded, samples, args.batch_size, directory / f"{name}_{tag}{rep}"))
+            out.append(time_capture(loaded, samples, args.batch_size, directory / f"{name}_{tag}{rep}", **kwargs))
             shutil.rmtree(directory / f"{name}_{tag}{rep}")
         return out
 
@@ -306,13 +298,12 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
         disk_runs = captures(workdir, "disk")
     capture, wait = [r[0] for r in disk_runs], [r[3] for r in disk_runs]
     written, n_ok = disk_runs[-1][1], disk_runs[-1][2]
-    memfs, memfs_by_threads = None, {}
+    memfs = memfs_thread_encode = None
     if _memfs_fits(3 * written):
         with tempfile.TemporaryDirectory(dir=MEMFS) as shm:
             memfs = statistics.median(r[0] for r in captures(Path(shm), "memfs"))
-            for threads in (2, 4, 8):  # how many I/O threads a store that keeps up can use
-                with _io_threads(threads):
-                    memfs_by_threads[threads] = captures(Path(shm), f"memfs{threads}t", repeats=1)[0][0]
+            memfs_thread_encode = statistics.median(
+                r[0] for r in captures(Path(shm), "memfs_thread", encode_in_process=False))
     trace_only = statistics.median(
         time_capture(loaded, samples, args.batch_size, workdir / f"{name}_trace{rep}", activations=False)[0]
         for rep in range(args.repeats))
@@ -325,15 +316,14 @@ def measure(name: str, args: argparse.Namespace, device: str, workdir: Path) -> 
     print(f"gpu_capture_{name}_layers: {loaded.n_layers}")
     print(f"gpu_capture_{name}_forward_ms: {statistics.median(forward) / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_plain_ms: {p / n * 1e3:.1f}")
-    # plain encodes on the loop's thread; capture reads and encodes ahead on another thread
+    # plain encodes on the loop's thread; capture encodes ahead in its worker process
     print(f"gpu_capture_{name}_encode_collate_ms: {(p - statistics.median(forward)) / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_capture_ms: {c / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_trace_only_ms: {trace_only / n * 1e3:.1f}")
     print(f"gpu_capture_{name}_wait_for_store_ms: {statistics.median(wait) / n * 1e3:.1f}")
     if memfs is not None:
         print(f"gpu_capture_{name}_memfs_ms: {memfs / n * 1e3:.1f}")
-        print(f"# {name}: memfs ms/sample by I/O threads (default {store.writer.IO_THREADS}): "
-              + ", ".join(f"{k}: {v / n * 1e3:.1f}" for k, v in memfs_by_threads.items()))
+        print(f"gpu_capture_{name}_memfs_thread_encode_ms: {memfs_thread_encode / n * 1e3:.1f}")
     if plain_peak:  # weights included: what a batch adds is the difference
         print(f"gpu_capture_{name}_peak_gib_plain: {plain_peak[0] / 2**30:.2f}")
         print(f"gpu_capture_{name}_peak_gib_capture: {capture_peak[0] / 2**30:.2f}")

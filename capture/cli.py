@@ -29,6 +29,7 @@ log = logging.getLogger("gap.capture")
 
 # Above this share of the run spent waiting for the store, the summary calls the run disk-bound.
 DISK_BOUND_SHARE = 0.25
+PROGRESS_LINE_S = 60.0  # without a bar (a batch job's log): seconds between progress lines
 
 DESCRIPTION = """Run the configured model over the configured dataset and write a run store.
 
@@ -205,11 +206,11 @@ def main(argv: list[str]) -> int:
         if spec.layers and todo:
             print(f"gap capture: {_estimate(loaded, spec, dataset, todo)}")
         with tqdm(total=len(todo), unit="sample", disable=args.no_progress or None, dynamic_ncols=True) as bar:
-            runner = CaptureRunner(loaded, cfg, spec, writer, padding_side=args.padding_side,
-                                   max_batch_tokens=args.max_batch_tokens,
-                                   on_record=_progress_callback(bar, writer), should_stop=stop,
-                                   donor_source=dataset)
-            stats = runner.run(dataset.iter_indices(todo))
+            with CaptureRunner(loaded, cfg, spec, writer, padding_side=args.padding_side,
+                               max_batch_tokens=args.max_batch_tokens,
+                               on_record=_progress_callback(bar, writer), should_stop=stop,
+                               donor_source=dataset) as runner:
+                stats = runner.run(dataset.iter_indices(todo))
     elapsed = time.perf_counter() - t0
     counts = Counter(writer.committed_status.values())  # this shard's latest status per sample
     bad = {k: v for k, v in counts.items() if k not in (STATUS_OK, STATUS_DATA)}
@@ -266,15 +267,30 @@ def _retryable(writer: Any, every: bool, before: datetime | None) -> set[int]:
             and (before is None or datetime.fromisoformat(writer.committed_time[r]) < before)}
 
 
+
 def _progress_callback(bar: Any, writer: Any) -> Any:
-    """``on_record`` for the runner: advance the bar, show tokens/s and GB written."""
+    """``on_record`` for the runner: advance the bar, show tokens/s and GB written.
+
+    Where no bar is shown (a batch job's log, ``--no-progress``) it prints a progress line
+    instead: after the first sample, then every ``PROGRESS_LINE_S`` seconds.
+    """
     start = time.perf_counter()
-    tokens = [0]
+    counts = {"tokens": 0, "done": 0, "failed": 0}
+    last_line: list[float | None] = [None]
 
     def on_record(record: Any) -> None:
-        tokens[0] += record.n_tokens if record.status == "ok" else 0
-        rate = tokens[0] / max(time.perf_counter() - start, 1e-9)
+        ok = record.status == "ok"
+        counts["tokens"] += record.n_tokens if ok else 0
+        counts["done"] += 1
+        counts["failed"] += not ok
+        now = time.perf_counter()
+        rate = counts["tokens"] / max(now - start, 1e-9)
         bar.set_postfix_str(f"{rate:.0f} tok/s, {writer.bytes_written / 1e9:.2f} GB", refresh=False)
         bar.update(1)
+        if bar.disable and (last_line[0] is None or now - last_line[0] >= PROGRESS_LINE_S):
+            last_line[0] = now
+            print(f"gap capture: {counts['done']} of {bar.total} samples done ({counts['failed']} failed), "
+                  f"{rate:.0f} tok/s, {writer.bytes_written / 1e9:.2f} GB written, {now - start:.0f} s",
+                  flush=True)
 
     return on_record

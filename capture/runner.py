@@ -1,7 +1,8 @@
 """The capture loop: batches through the model in one nnsight trace each, records to the store.
 
-Samples are read and encoded (chat template, processor) a window ahead on a background thread,
-so image decoding and preprocessing overlap the GPU.  Per batch of similar-length samples:
+Samples are read and encoded (chat template, processor) a window ahead of the loop
+(:mod:`capture.encode_ahead`: on a GPU in a worker process, else on a thread), so image decoding
+and preprocessing overlap the GPU.  Per batch of similar-length samples:
 
 1. one ``nnsight`` trace of the plain forward, whose cache keeps every decoder block's output;
    after it, a per-layer non-finite flag is computed for every real token;
@@ -45,16 +46,16 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import queue
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from capture.encode_ahead import EncodeAhead, EncoderProcess
 from schemas.config import Config, resolve_layers
 from schemas.errors import GapError
 from schemas.run import (STATUS_DATA, STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, STATUS_OOM, SampleRecord,
@@ -222,68 +223,28 @@ class _InFlight:
     errors: list[str]  # per-sample intervention error ("" when fine)
 
 
-class _EncodeAhead:
-    """``encode(item)`` for every item, in order, on a background thread up to ``depth`` ahead.
+class _ItemEncoder:
+    """Item -> its encoded prompt, or the failed record of a bad item (run ahead of the loop, on
+    a thread or in the encoder process; picklable for the latter)."""
 
-    Reading a sample (an image decode) and running the processor take milliseconds per sample
-    that the capture loop would otherwise spend with the GPU idle.  An error of the items'
-    iterator or of ``encode`` is raised by ``next()`` in the loop's thread, where it happened in
-    the order.  ``close()`` stops the thread (items it read ahead are dropped, not recorded).
+    def __init__(self, processor: Any, image_token_id: int) -> None:
+        self.processor, self.image_token_id = processor, image_token_id
 
-    >>> ahead = _EncodeAhead(range(5), lambda i: i * i, depth=2)
-    >>> list(ahead)
-    [0, 1, 4, 9, 16]
-    >>> ahead.close()
-    """
+    def __call__(self, item: Any) -> PromptSample | SampleRecord:
+        from capture.prompts import encode_sample
 
-    _END = object()
-
-    def __init__(self, items: Iterable[Any], encode: Callable[[Any], Any], depth: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(iter(items), encode), name="gap-encode",
-                                        daemon=True)
-        self._thread.start()
-
-    def _work(self, items: Iterator[Any], encode: Callable[[Any], Any]) -> None:
+        if isinstance(item, BaseException):  # capture.datasets.DataError
+            index = getattr(item, "index", None)
+            return failed_record(-1 if index is None else int(index), str(getattr(item, "sample_id", "?")),
+                                 getattr(item, "reason", _one_line(item)), status=STATUS_DATA)
         try:
-            for item in items:
-                if not self._offer(encode(item)):
-                    return
-            self._offer(self._END)
-        except BaseException as exc:  # handed to the loop's thread
-            self._offer(_Raised(exc))
-
-    def _offer(self, value: Any) -> bool:
-        """Queue ``value`` unless closed meanwhile (then False)."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> _EncodeAhead:
-        return self
-
-    def __next__(self) -> Any:
-        value = self._queue.get()
-        if value is self._END:
-            self._queue.put(value)  # stays exhausted
-            raise StopIteration
-        if isinstance(value, _Raised):
-            raise value.exc
-        return value
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-@dataclass
-class _Raised:
-    exc: BaseException
+            return encode_sample(self.processor, self.image_token_id, item)
+        # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only;
+        # a GapError (the processor or template against this text) is retryable, and counted
+        except Exception as exc:  # noqa: BLE001
+            status = STATUS_ERROR if isinstance(exc, GapError) else STATUS_DATA
+            return failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
+                                 _one_line(exc), status=status, **_meta_fields(item))
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -321,6 +282,11 @@ class CaptureRunner:
     donor_source
         The whole selection (``len`` and ``[i]`` -> sample dict, e.g. a
         :class:`capture.datasets.Dataset`): where ``swap`` patching reads each sample's donor.
+    encode_in_process
+        Run the processor in a worker process (:mod:`capture.encode_ahead`) instead of on a
+        thread of this one; None (default): when the model is on a GPU, where the loop must not
+        wait for the GIL. The process starts here (seconds) and ends with :meth:`close`; if it
+        does not start, or dies, the thread encodes instead (with a warning).
 
     Examples
     --------
@@ -330,7 +296,8 @@ class CaptureRunner:
     def __init__(self, loaded: LoadedModel, cfg: Config, spec: RunSpec, writer: RunWriter, *,
                  padding_side: str = "right", max_batch_tokens: int | None = None,
                  on_record: Callable[[SampleRecord], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, donor_source: Any = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, donor_source: Any = None,
+                 encode_in_process: bool | None = None) -> None:
         import nnsight
         import torch
 
@@ -354,6 +321,27 @@ class CaptureRunner:
         self._batches_since_gc = 0
         self._errors_in_a_row = 0
         self._encode_errors_in_a_row = 0
+        self._encoder_process = None
+        if self.cuda if encode_in_process is None else encode_in_process:
+            log.info("starting the encoder process")
+            try:
+                self._encoder_process = EncoderProcess(_ItemEncoder(loaded.processor, loaded.image_token_id))
+            except Exception as exc:  # noqa: BLE001 - the thread does the same work, only slower
+                log.warning("the encoder process did not start (%s); encoding on a thread", _one_line(exc))
+            else:  # a runner dropped without close() still ends its process
+                self._finalizer = weakref.finalize(self, self._encoder_process.close)
+
+    def __enter__(self) -> CaptureRunner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the encoder process, if any (a later :meth:`run` encodes on a thread)."""
+        if self._encoder_process is not None:
+            self._finalizer()
+            self._encoder_process = None
 
     # -- public ---------------------------------------------------------------------------------
     def run(self, items: Iterable[Any], window: int | None = None) -> CaptureStats:
@@ -378,9 +366,10 @@ class CaptureRunner:
         start = time.perf_counter()
         window = window or 8 * self.cfg.capture.batch_size
         pending: _InFlight | None = None
-        # Items are read and encoded a window ahead on a thread of their own, with a processor of
-        # its own (the loop's donors use the model's): the loop itself only feeds the GPU.
-        ahead = _EncodeAhead(items, self._encoder(), depth=window)
+        # Items are read and encoded a window ahead, with a processor of their own (the loop's
+        # donors use the model's): the loop itself only feeds the GPU.
+        ahead = EncodeAhead(items, _ItemEncoder(copy.deepcopy(self.loaded.processor), self.loaded.image_token_id),
+                            depth=window, process=self._encoder_process)
         exhausted = False
         try:
             while not exhausted and not self.stats.stopped_early:
@@ -423,28 +412,6 @@ class CaptureRunner:
         return self.stats
 
     # -- steps ----------------------------------------------------------------------------------
-    def _encoder(self) -> Callable[[Any], PromptSample | SampleRecord]:
-        """Item -> its encoded prompt, or the failed record of a bad item (run on another thread)."""
-        from capture.prompts import encode_sample
-
-        processor, image_token_id = copy.deepcopy(self.loaded.processor), self.loaded.image_token_id
-
-        def encode(item: Any) -> PromptSample | SampleRecord:
-            if isinstance(item, BaseException):  # capture.datasets.DataError
-                index = getattr(item, "index", None)
-                return failed_record(-1 if index is None else int(index), str(getattr(item, "sample_id", "?")),
-                                     getattr(item, "reason", _one_line(item)), status=STATUS_DATA)
-            try:
-                return encode_sample(processor, image_token_id, item)
-            # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only;
-            # a GapError (the processor or template against this text) is retryable, and counted
-            except Exception as exc:  # noqa: BLE001
-                status = STATUS_ERROR if isinstance(exc, GapError) else STATUS_DATA
-                return failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
-                                     _one_line(exc), status=status, **_meta_fields(item))
-
-        return encode
-
     def _process(self, samples: list[PromptSample]) -> list[_InFlight]:
         """Forward + copy + interventions for one batch.
 

@@ -497,6 +497,72 @@ def test_samples_are_read_and_encoded_ahead_on_their_own_thread(tiny_checkpoint,
     assert "gap-encode" not in {t.name for t in threading.enumerate()}
 
 
+def test_the_encoder_process_gives_the_same_records_and_a_lost_one_leaves_the_work_to_the_thread(
+        tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    # On a GPU the processor runs in a worker process (the GIL stays with the loop); what it
+    # encodes must be what the thread encodes, bad samples included, and if it dies the run goes
+    # on with the thread.
+    import os
+    import signal
+
+    import capture.prompts
+    import capture.runner
+    from capture.datasets import DataError
+
+    path = tiny_checkpoint("qwen2_vl", n_layers=2)
+    loaded = load_model(_cfg(path).model)
+    samples = _samples(4)
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    samples[2]["image"] = Image.open(io.BytesIO(png.getvalue()[:60]))  # truncated file: fails on load
+    samples.append(DataError("t/9", "image file is truncated", index=4))
+    real, on_this_process = capture.prompts.encode_sample, []
+
+    def encode(*args, **kwargs):  # a spawned process imports the real one, not this
+        on_this_process.append(args[2]["sample_id"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture.prompts, "encode_sample", encode)
+    cfg = _cfg(path, batch_size=2)
+    _, by_thread = _capture(loaded, cfg, samples, tmp_path / "thread", encode_in_process=False)
+    assert len(on_this_process) == 4
+    on_this_process.clear()
+    spec = make_spec(cfg, loaded, n_total=len(samples))
+    with RunWriter(tmp_path / "process", spec) as writer, \
+            CaptureRunner(loaded, cfg, spec, writer, encode_in_process=True) as runner:
+        workers = list(runner._encoder_process._pool._processes.values())
+        stats = runner.run(samples)
+    # an image that cannot be read cannot travel either (pickling reads it): the thread encodes
+    # that one, to the same failed record
+    assert on_this_process == ["t/2"] and stats.n_ok == 3 and stats.n_failed == 2
+    assert not any(w.is_alive() for w in workers)  # close() ended it
+    by_process = open_run(tmp_path / "process")
+    for name in ("sample_id", "status", "error", "input_ids", "is_visual", "position"):
+        np.testing.assert_array_equal(by_process[name].values, by_thread[name].values)
+    np.testing.assert_array_equal(by_process["hidden"].values, by_thread["hidden"].values)
+
+    spec = make_spec(cfg, loaded, n_total=len(samples))
+    with RunWriter(tmp_path / "lost", spec) as writer, \
+            CaptureRunner(loaded, cfg, spec, writer, encode_in_process=True) as runner:
+        for worker in runner._encoder_process._pool._processes.values():
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join()
+        with caplog.at_level("WARNING", logger="gap.capture"):
+            stats = runner.run(samples)
+    assert stats.n_ok == 3 and stats.n_failed == 2 and len(on_this_process) == 1 + 4
+    assert "the encoder process stopped" in caplog.text
+    np.testing.assert_array_equal(open_run(tmp_path / "lost")["hidden"].values, by_thread["hidden"].values)
+
+    def no_start(encode):
+        raise TimeoutError("no answer in 600 s")
+
+    monkeypatch.setattr(capture.runner, "EncoderProcess", no_start)
+    with RunWriter(tmp_path / "unstarted", spec) as writer, caplog.at_level("WARNING", logger="gap.capture"), \
+            CaptureRunner(loaded, cfg, spec, writer, encode_in_process=True) as runner:
+        stats = runner.run(samples)
+    assert stats.n_ok == 3 and "the encoder process did not start (TimeoutError: no answer in 600 s)" in caplog.text
+
+
 def test_stop_request_ends_after_the_current_batch(tiny_checkpoint, tmp_path):
     path = tiny_checkpoint("llava", n_layers=2)
     loaded = load_model(_cfg(path).model)
@@ -538,12 +604,19 @@ def test_cli_stops_on_sigusr1_and_resumes(tiny_checkpoint, tmp_path, monkeypatch
     assert rc == 0 and "stopped early; rerun with --resume" in out
     first = open_run(tmp_path / "run").sizes["sample"]
     assert 2 <= first < 6
+    # no bar: a progress line after the first sample, then one a minute (none more here)
+    assert [line for line in out.splitlines() if "samples done" in line] == [
+        line for line in out.splitlines() if line.startswith("gap capture: 1 of 6 samples done (0 failed), ")]
+    assert out.count("samples done") == 1
     monkeypatch.setattr(CaptureRunner, "_finish", original)
+    monkeypatch.setattr(cli, "PROGRESS_LINE_S", 0.0)  # a line per sample
     assert cli.main([str(config), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
     ds = open_run(tmp_path / "run")
     assert sorted(ds["sample_index"].values.tolist()) == list(range(6))
     out = capsys.readouterr().out
     assert f"{6 - first} of 6 samples to do" in out
+    done = [line.split(" samples done")[0] for line in out.splitlines() if "samples done" in line]
+    assert done == [f"gap capture: {k} of {6 - first}" for k in range(1, 7 - first)]
     assert "gap capture: store: " in out and "the model waited for it " in out
 
 

@@ -147,6 +147,7 @@ def test_runner_uses_a_side_stream_on_cuda(tiny_checkpoint, tmp_path):
     spec_cfg = _cfg(path, "auto")
     spec = make_spec(spec_cfg, loaded, n_total=1)
     with RunWriter(tmp_path / "run", spec) as writer:
-        runner = CaptureRunner(loaded, spec_cfg, spec, writer)
-        assert runner.cuda and runner.copy_stream is not None
-        assert runner.copy_stream != torch.cuda.current_stream(runner.device)
+        with CaptureRunner(loaded, spec_cfg, spec, writer) as runner:
+            assert runner.cuda and runner.copy_stream is not None
+            assert runner.copy_stream != torch.cuda.current_stream(runner.device)
+            assert runner._encoder_process is not None  # the processor runs in a process of its own

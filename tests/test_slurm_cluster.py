@@ -248,9 +248,10 @@ def test_e2e_requeue_and_scancel_then_resubmit(slurm_cluster: SlurmCluster, e2e_
     job = first["capture"]
     with pytest.raises(GapError, match="still has jobs in the queue"):
         submit.submit(e2e_plan(e2e_config, run))
-    # The "activations:" line comes right before the capture loop: signal both tasks inside it.
-    wait_for(lambda: all("gap capture: activations:" in _log(run, job, t) for t in (0, 1)),
-             "both captures to start", 180, slurm_cluster)
+    # The first progress line comes after a shard's first sample: signal both tasks in the loop
+    # (so each commits what it has, not nothing).
+    wait_for(lambda: all(" samples done (" in _log(run, job, t) for t in (0, 1)),
+             "both captures to finish a sample", 180, slurm_cluster)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", f"{job}_0")
     slurm_cluster.run("scancel", f"{job}_1")
     final = wait_final(slurm_cluster, job, 2, 240)
