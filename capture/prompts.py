@@ -330,9 +330,13 @@ class Batch:
         """Columns of row ``i`` that hold sample ``i``'s tokens."""
         return slice(self.offsets[i], self.offsets[i] + self.lengths[i])
 
-    def to(self, device: Any) -> Batch:
-        """A copy whose tensors live on ``device``."""
-        moved = {k: v.to(device) if hasattr(v, "to") else v for k, v in self.inputs.items()}
+    def to(self, device: Any, queued: bool = False) -> Batch:
+        """A copy whose tensors live on ``device``; ``queued``: copied to a GPU without waiting
+        for it (:func:`capture.transfer.host_to_device`)."""
+        from capture.transfer import host_to_device
+
+        move = host_to_device if queued else (lambda v, d: v.to(d))
+        moved = {k: move(v, device) if hasattr(v, "to") else v for k, v in self.inputs.items()}
         return Batch(self.samples, moved, self.offsets, self.lengths, self.padding_side)
 
 

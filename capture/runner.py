@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from capture.encode_ahead import EncodeAhead, EncoderProcess
+from capture.transfer import host_to_device
 from schemas.config import Config, resolve_layers
 from schemas.errors import GapError
 from schemas.run import (STATUS_DATA, STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, STATUS_OOM, SampleRecord,
@@ -314,6 +315,7 @@ class CaptureRunner:
         self.donor_source = donor_source
         self.envoy = nnsight.NNsight(loaded.model)
         self.device = loaded.input_device
+        self.head_device = loaded.model.get_output_embeddings().weight.device  # where logits are made
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.layer_slot = {layer: j for j, layer in enumerate(spec.layers)}
@@ -479,15 +481,18 @@ class CaptureRunner:
         from capture.scoring import answer_logprob
 
         loaded, spec = self.loaded, self.spec
-        batch = collate(samples, loaded.pad_token_id, self.padding_side).to(self.device)
+        host_batch = collate(samples, loaded.pad_token_id, self.padding_side)
+        # Queued copies (capture.transfer): from here until the next batch's forward nothing waits
+        # for this batch's, so its records, the next collation and trace set-up overlap the GPU.
+        batch = host_batch.to(self.device, queued=True)
         width = batch.seq_len
         starts = list(np.cumsum([0] + batch.lengths[:-1]))
         kept = [stored_tokens(s, self.cfg.capture.tokens) for s in samples]
         kept_starts = list(np.cumsum([0] + [len(k) for k in kept[:-1]]))
         # Flat (row * T + column) indices of the real tokens and of the stored ones, sample after
         # sample; with the default capture.tokens="all" they are the same.
-        index = torch.cat([torch.arange(batch.offsets[i], batch.offsets[i] + n) + i * width
-                           for i, n in enumerate(batch.lengths)]).to(self.device)
+        index = host_to_device(torch.cat([torch.arange(batch.offsets[i], batch.offsets[i] + n) + i * width
+                                          for i, n in enumerate(batch.lengths)]), self.device)
         keep_rows = np.concatenate([k + batch.offsets[i] + i * width for i, k in enumerate(kept)])
         n_real, hidden = int(index.numel()), loaded.hidden_size
         gather = False
@@ -504,7 +509,7 @@ class CaptureRunner:
                 gather, runs = True, np.array([[0, 0, n_host]])
         dtype = loaded.model.get_input_embeddings().weight.dtype
         to_float16 = spec.hidden_encoding == "float16" and dtype != torch.float16
-        keep = torch.from_numpy(keep_rows).to(self.device) if gather or to_float16 else None
+        keep = host_to_device(torch.from_numpy(keep_rows), self.device) if gather or to_float16 else None
         # per flat row: how many of its values float16 clips, over the captured layers
         overflow = (torch.zeros(len(samples) * width, dtype=torch.int64, device=self.device)
                     if to_float16 else None)
@@ -521,9 +526,10 @@ class CaptureRunner:
             # stored rows go to the host straight from there (no device copy of them is made).
             # No KV cache: one forward does not need it (~0.5 MB per token).  The LM head projects
             # only the positions that score an answer (logits of all T would be B x T x V).
-            answer_mask, scored = self._scored(batch)
+            answer_mask, scored = self._scored(host_batch)
+            keep_logits = 1 if scored is None else host_to_device(scored, self.head_device)
             with self.envoy.trace(**loaded.forward_inputs(batch.inputs), use_cache=False,
-                                  logits_to_keep=1 if scored is None else scored) as tracer:
+                                  logits_to_keep=keep_logits) as tracer:
                 outputs = tracer.cache(modules=blocks, device=None)
                 logits = self.envoy.output.logits.save()
             for layer, block in enumerate(blocks):
@@ -547,7 +553,7 @@ class CaptureRunner:
             del outputs, flat
             # onto the input device: the async copy runs on that device's copy stream
             logp = None if scored is None else answer_logprob(
-                logits, batch.inputs["input_ids"], answer_mask, scored).to(self.device)
+                logits, host_batch.inputs["input_ids"], answer_mask, scored).to(self.device)
             small: dict[str, Any] = {"bad": bad, "logp": logp}
             if to_float16 and spec.layers:
                 per_token = overflow.index_select(0, keep)
@@ -575,7 +581,8 @@ class CaptureRunner:
         mask = torch.zeros(batch.inputs["input_ids"].shape, dtype=torch.bool)
         for i, s in enumerate(batch.samples):
             mask[i, batch.token_slice(i)] = torch.from_numpy(s.is_answer)
-        # on the CPU: it indexes the last device's hidden states under device_map="auto" too
+        # found on the CPU, where nothing waits for the GPU; the positions reach the LM head's
+        # device as a queued copy
         return mask, scored_positions(mask) if bool(mask.any()) else None
 
     def _to_host(self, tensors: dict[str, Any], stored: _StoredRows | None) -> tuple[dict[str, Any], Any]:

@@ -86,8 +86,10 @@ def gathered_logprobs(logits: "torch.Tensor", targets: "torch.Tensor") -> "torch
     """
     import torch
 
+    from capture.transfer import host_to_device
+
     lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
-    return lp.gather(-1, targets.to(lp.device).long()[:, None])[:, 0]
+    return lp.gather(-1, host_to_device(targets, lp.device).long()[:, None])[:, 0]
 
 
 def scored_positions(is_answer: "torch.Tensor") -> "torch.Tensor":
@@ -137,10 +139,13 @@ def answer_token_logprobs(logits: "torch.Tensor", input_ids: "torch.Tensor",
     """
     import torch
 
+    from capture.transfer import host_to_device
+
     rows, pos = predicting_positions(is_answer)
-    targets = input_ids[rows, pos + 1]
+    targets = input_ids[host_to_device(rows, input_ids.device), host_to_device(pos + 1, input_ids.device)]
     cols = pos if positions is None else torch.searchsorted(positions.to(pos.device), pos)
-    return gathered_logprobs(logits[rows.to(logits.device), cols.to(logits.device)], targets)
+    return gathered_logprobs(logits[host_to_device(rows, logits.device), host_to_device(cols, logits.device)],
+                             targets)
 
 
 def answer_logprob(logits: "torch.Tensor", input_ids: "torch.Tensor", is_answer: "torch.Tensor",
@@ -174,11 +179,14 @@ def answer_logprob(logits: "torch.Tensor", input_ids: "torch.Tensor", is_answer:
     """
     import torch
 
+    from capture.transfer import host_to_device
+
     rows, _ = predicting_positions(is_answer)
     per_token = answer_token_logprobs(logits, input_ids, is_answer, positions)
     n_rows = input_ids.shape[0] if input_ids.dim() == 2 else 1
     total = torch.zeros(n_rows, dtype=torch.float64, device=per_token.device)
-    total.index_add_(0, rows.to(per_token.device), per_token)
+    rows = host_to_device(rows, per_token.device)
+    total.index_add_(0, rows, per_token)
     has = torch.zeros(n_rows, dtype=torch.bool, device=per_token.device)
-    has[rows.to(per_token.device)] = True
+    has[rows] = True
     return torch.where(has, total, torch.full_like(total, float("nan")))

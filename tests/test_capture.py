@@ -50,8 +50,8 @@ def _samples(n: int = 4) -> list[dict]:
 
 def _capture(loaded, cfg, samples, run, **runner_kwargs):
     spec = make_spec(cfg, loaded, n_total=len(samples))
-    with RunWriter(run, spec) as writer:
-        stats = CaptureRunner(loaded, cfg, spec, writer, **runner_kwargs).run(samples)
+    with RunWriter(run, spec) as writer, CaptureRunner(loaded, cfg, spec, writer, **runner_kwargs) as runner:
+        stats = runner.run(samples)
     return stats, open_run(run)
 
 
