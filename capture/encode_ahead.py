@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
+import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -36,12 +39,27 @@ from typing import Any
 log = logging.getLogger("gap.capture")
 
 START_TIMEOUT_S = 600.0
+PARENT_POLL_S = 1.0  # how often the worker checks that the capture process is alive
 _INSTALLED: Callable[[Any], Any] | None = None  # the worker process's encode function
 
 
 def _install(encode: Callable[[Any], Any]) -> None:
     global _INSTALLED
     _INSTALLED = encode
+    # The capture process decides when its worker ends (close(), or its own end, which closes
+    # the worker's pipe): Slurm's SIGTERM to every process of a job, or a terminal's Ctrl-C to
+    # the whole process group, must not kill the worker under the batch the capture finishes.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    # ... and if it is killed outright, its worker follows (the worker's own copy of the task
+    # pipe keeps it from ever reading an end of file there)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="gap-encode-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(0)
 
 
 def _call_installed(item: Any) -> Any:
