@@ -56,6 +56,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from schemas.errors import one_line
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
@@ -638,7 +640,7 @@ def _sweep(engine: Engine, sample: "PromptSample", clean: CleanState, variants: 
         except Exception as exc:  # noqa: BLE001 - one failed chunk must not abort the shard
             first = variants[chunk[0]]
             errors.append(f"{len(chunk)} variant(s) from layer {first[0]} {first[1]} {first[2]}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                          f"{one_line(exc)}")
             log.debug("causal variants failed", exc_info=True)
 
     # One channel per chunk: a patched forward writes one index set, a suffix run skips the
@@ -704,7 +706,7 @@ def causal_sample(loaded: "LoadedModel", sample: "PromptSample", *, methods: Seq
     try:
         clean = engine.clean_pass(sample)
     except Exception as exc:  # noqa: BLE001 - reported on the sample
-        return InterventionResult(values, f"causal clean pass of {sid}: {type(exc).__name__}: {exc}".splitlines()[0])
+        return InterventionResult(values, f"causal clean pass of {sid}: {one_line(exc)}")
     values["logp_clean"] = clean.logp
     present = {c: bool(_channel_mask(clean, c).any()) for c in channels}
     donor_clean = alt_clean = None
@@ -719,7 +721,7 @@ def causal_sample(loaded: "LoadedModel", sample: "PromptSample", *, methods: Seq
                 alt_clean = engine.clean_pass(alt)
                 values["donor_logp_clean"] = alt_clean.logp
             except Exception as exc:  # noqa: BLE001
-                errors.append(f"swap donor {values['swap_donor']}: {type(exc).__name__}: {exc}".splitlines()[0])
+                errors.append(f"swap donor {values['swap_donor']}: {one_line(exc)}")
                 donor_clean = alt_clean = None
     # a channel the donor lacks (no image) has nothing to swap in: NaN, like one the sample lacks
     donor_has = {c: donor_clean is not None and bool(_channel_mask(donor_clean, c).any()) for c in channels}

@@ -36,9 +36,12 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.errors import one_line
+
 log = logging.getLogger("gap.capture")
 
 START_TIMEOUT_S = 600.0
+MAX_UNTRAVELLED_IN_A_ROW = 3  # then the process is given up for the thread
 PARENT_POLL_S = 1.0  # how often the worker checks that the capture process is alive
 _INSTALLED: Callable[[Any], Any] | None = None  # the worker process's encode function
 
@@ -117,6 +120,7 @@ class EncodeAhead:
         self._queue: queue.Queue = queue.Queue(maxsize=self._depth)
         self._stop = threading.Event()
         self._process = process
+        self._untravelled = 0  # items in a row that did not travel to the process or back
         self._thread = threading.Thread(target=self._work, args=(iter(items), encode), name="gap-encode",
                                         daemon=True)
         self._thread.start()
@@ -143,23 +147,32 @@ class EncodeAhead:
         try:
             return self._process.submit(item)
         except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: shut down meanwhile
-            self._lose_process(exc)
+            self._lose_process(f"the encoder process stopped ({one_line(exc)})")
             return None
 
     def _result(self, item: Any, future: Future | None, encode: Callable[[Any], Any]) -> Any:
         if future is not None:
             try:
-                return future.result()
+                result = future.result()
+                self._untravelled = 0
+                return result
             except BrokenProcessPool as exc:
-                self._lose_process(exc)
-            except Exception as exc:  # noqa: BLE001 - this item did not travel (pickling): encode it here
-                log.debug("encoding %r on the thread: %r", item, exc)
+                self._lose_process(f"the encoder process stopped ({one_line(exc)})")
+            except Exception as exc:  # noqa: BLE001 - the item or its result did not travel: encode it here
+                # one such item is the item's (an unreadable image cannot be pickled); several in
+                # a row are the way there or back (e.g. a /dev/shm too small for the results)
+                self._untravelled += 1
+                log.log(logging.WARNING if self._untravelled == 1 else logging.DEBUG,
+                        "an item did not travel to or from the encoder process (%s); encoding it on the "
+                        "thread", one_line(exc))
+                if self._untravelled >= MAX_UNTRAVELLED_IN_A_ROW:
+                    self._lose_process(f"{self._untravelled} items in a row did not travel to the encoder "
+                                       f"process or back ({one_line(exc)})")
         return encode(item)
 
-    def _lose_process(self, exc: BaseException) -> None:
+    def _lose_process(self, why: str) -> None:
         if self._process is not None:
-            log.warning("the encoder process stopped (%s); encoding on a thread from here on",
-                        str(exc).strip() or type(exc).__name__)
+            log.warning("%s; encoding on the thread from here on", why)
             self._process = None
 
     def _offer(self, value: Any) -> bool:

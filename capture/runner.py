@@ -58,7 +58,7 @@ import numpy as np
 from capture.encode_ahead import EncodeAhead, EncoderProcess
 from capture.transfer import host_to_device
 from schemas.config import Config, resolve_layers
-from schemas.errors import GapError
+from schemas.errors import GapError, one_line
 from schemas.run import (STATUS_DATA, STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, STATUS_OOM, SampleRecord,
                          failed_record)
 
@@ -237,7 +237,7 @@ class _ItemEncoder:
         if isinstance(item, BaseException):  # capture.datasets.DataError
             index = getattr(item, "index", None)
             return failed_record(-1 if index is None else int(index), str(getattr(item, "sample_id", "?")),
-                                 getattr(item, "reason", _one_line(item)), status=STATUS_DATA)
+                                 getattr(item, "reason", one_line(item)), status=STATUS_DATA)
         try:
             return encode_sample(self.processor, self.image_token_id, item)
         # processors raise anything (PIL, numpy, ValueError) on a bad image: this sample only;
@@ -245,18 +245,13 @@ class _ItemEncoder:
         except Exception as exc:  # noqa: BLE001
             status = STATUS_ERROR if isinstance(exc, GapError) else STATUS_DATA
             return failed_record(int(item.get("index", -1)), str(item.get("sample_id", "?")),
-                                 _one_line(exc), status=status, **_meta_fields(item))
+                                 one_line(exc), status=status, **_meta_fields(item))
 
 
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class CaptureRunner:
@@ -329,7 +324,7 @@ class CaptureRunner:
             try:
                 self._encoder_process = EncoderProcess(_ItemEncoder(loaded.processor, loaded.image_token_id))
             except Exception as exc:  # noqa: BLE001 - the thread does the same work, only slower
-                log.warning("the encoder process did not start (%s); encoding on a thread", _one_line(exc))
+                log.warning("the encoder process did not start (%s); encoding on a thread", one_line(exc))
             else:  # a runner dropped without close() still ends its process
                 self._finalizer = weakref.finalize(self, self._encoder_process.close)
 
@@ -440,7 +435,7 @@ class CaptureRunner:
         if len(samples) > 1:
             half = len(samples) // 2
             log.warning("%s with a batch of %d; retrying as %d + %d",
-                        "CUDA out of memory" if oom else _one_line(error), len(samples), half, len(samples) - half)
+                        "CUDA out of memory" if oom else one_line(error), len(samples), half, len(samples) - half)
             first = self._process(samples[:half])
             try:
                 return first + self._process(samples[half:])
@@ -451,11 +446,11 @@ class CaptureRunner:
         if oom:
             self._put(self._failed(s, STATUS_OOM, f"CUDA out of memory with {s.n_tokens} tokens alone"))
             return []
-        log.warning("sample %s failed: %s", s.meta["sample_id"], _one_line(error),
+        log.warning("sample %s failed: %s", s.meta["sample_id"], one_line(error),
                     exc_info=log.isEnabledFor(logging.DEBUG))
-        self._put(self._failed(s, STATUS_ERROR, _one_line(error)))
+        self._put(self._failed(s, STATUS_ERROR, one_line(error)))
         self._errors_in_a_row += 1
-        self._stop_if_in_a_row(self._errors_in_a_row, "model", s.meta["sample_id"], _one_line(error))
+        self._stop_if_in_a_row(self._errors_in_a_row, "model", s.meta["sample_id"], one_line(error))
         return []
 
     def _store_before_raising(self, flights: list[_InFlight]) -> None:
@@ -464,7 +459,7 @@ class CaptureRunner:
             try:
                 self._finish(flight)
             except Exception as exc:  # noqa: BLE001
-                log.warning("a captured batch could not be stored: %s", _one_line(exc))
+                log.warning("a captured batch could not be stored: %s", one_line(exc))
 
     @staticmethod
     def _stop_if_in_a_row(n: int, what: str, sample_id: str, error: str) -> None:
@@ -649,7 +644,7 @@ class CaptureRunner:
                 if _is_oom(exc) or isinstance(exc, GapError):
                     raise  # _process halves the batch; a setup error stops the shard
                 log.exception("intervention failed for a batch of %d", n)
-                errors = [_one_line(exc)] * n
+                errors = [one_line(exc)] * n
         for i, note in enumerate(errors_partial):
             if note:
                 values[i]["error"] = note
@@ -675,7 +670,7 @@ class CaptureRunner:
                     candidate = encode_sample(self.loaded.processor, self.loaded.image_token_id,
                                               self.donor_source[row])
                 except Exception as exc:  # noqa: BLE001 - try the next candidate
-                    log.warning("swap donor %s of %s unusable: %s", row, s.meta["sample_id"], _one_line(exc))
+                    log.warning("swap donor %s of %s unusable: %s", row, s.meta["sample_id"], one_line(exc))
                     continue
                 if same_image(s, candidate):
                     log.info("swap donor %s of %s shows the same image; trying the next", row, s.meta["sample_id"])

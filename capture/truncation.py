@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Sequence
 import numpy as np
 
 from capture.causal import Engine, InterventionResult, summarize_errors, with_answer
+from schemas.errors import one_line
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -227,8 +228,7 @@ def truncation_sample(loaded: "LoadedModel", sample: "PromptSample", *, modes: S
         try:
             clean = engine.clean_pass(sample)
         except Exception as exc:  # noqa: BLE001 - reported on the sample
-            return InterventionResult(values, f"truncation clean pass of {sid}: {type(exc).__name__}: {exc}"
-                                      .splitlines()[0])
+            return InterventionResult(values, f"truncation clean pass of {sid}: {one_line(exc)}")
         values["trunc_logp"][0, :] = clean.logp
         order = sorted(range(len(cut)), key=lambda j: cut[j])
         for m, mode in enumerate(modes):
@@ -239,7 +239,7 @@ def truncation_sample(loaded: "LoadedModel", sample: "PromptSample", *, modes: S
                     lp = engine.run_suffix(clean, joins, lambda r, joins=joins: clean.outputs[joins[r]], mode=mode)
                     values["trunc_logp"][[1 + j for j in chunk], m] = lp.numpy()
                 except Exception as exc:  # noqa: BLE001 - one failed chunk must not abort the shard
-                    errors.append(f"{mode} from layer {joins[0]}: {type(exc).__name__}: {exc}".splitlines()[0])
+                    errors.append(f"{mode} from layer {joins[0]}: {one_line(exc)}")
                     log.debug("truncation failed", exc_info=True)
                     if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                         torch.cuda.empty_cache()
@@ -249,13 +249,13 @@ def truncation_sample(loaded: "LoadedModel", sample: "PromptSample", *, modes: S
             base = generate_text(engine, prompt, modes[0] if modes else "zero", -1, max_new_tokens)
             values["trunc_text"][0, :] = base
         except Exception as exc:  # noqa: BLE001
-            errors.append(f"generate: {type(exc).__name__}: {exc}".splitlines()[0])
+            errors.append(f"generate: {one_line(exc)}")
         for m, mode in enumerate(modes):
             for i, after in enumerate(cut):
                 try:
                     values["trunc_text"][1 + i, m] = generate_text(engine, prompt, mode, after, max_new_tokens)
                 except Exception as exc:  # noqa: BLE001
-                    errors.append(f"generate {mode} after {after}: {type(exc).__name__}: {exc}".splitlines()[0])
+                    errors.append(f"generate {mode} after {after}: {one_line(exc)}")
     return InterventionResult(values, summarize_errors(f"truncation {sid}", errors))
 
 

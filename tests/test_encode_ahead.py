@@ -50,6 +50,32 @@ def test_the_process_encodes_in_order_and_an_item_that_cannot_travel_is_encoded_
     assert on_the_thread == [cannot_pickle, items[3]]
 
 
+def test_items_that_keep_failing_to_travel_give_the_process_up(caplog):
+    # one item that cannot be pickled is the item's problem; several in a row are the way's
+    # (e.g. a /dev/shm too small for the results): then the thread does all the work, once
+    on_the_thread = []
+
+    def here(item):
+        on_the_thread.append(item)
+        return str(item)
+
+    unpicklable = [lambda: k for k in range(3)]
+    process = EncoderProcess(str)
+    try:
+        with caplog.at_level("DEBUG", logger="gap.capture"):
+            ahead = EncodeAhead(unpicklable + [5, 6], here, depth=1, process=process)
+            out = list(ahead)
+            ahead.close()
+    finally:
+        process.close()
+    # 5 was in the process already when the third lambda came back: only 6 is done here
+    assert out == [str(i) for i in unpicklable + [5, 6]] and on_the_thread == unpicklable + [6]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and warnings[0].startswith("an item did not travel to or from the encoder process")
+    assert warnings[1].startswith("3 items in a row did not travel to the encoder process or back (")
+    assert warnings[1].endswith("; encoding on the thread from here on")
+
+
 def test_an_error_of_the_items_surfaces_in_order():
     def items():
         yield from range(3)
