@@ -48,6 +48,13 @@ def _samples(n: int = 4) -> list[dict]:
     return out
 
 
+def _truncated_image() -> Image.Image:
+    """An image whose file is cut short: it opens, and fails when its pixels are read."""
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    return Image.open(io.BytesIO(png.getvalue()[:60]))
+
+
 def _capture(loaded, cfg, samples, run, **runner_kwargs):
     spec = make_spec(cfg, loaded, n_total=len(samples))
     with RunWriter(run, spec) as writer, CaptureRunner(loaded, cfg, spec, writer, **runner_kwargs) as runner:
@@ -258,9 +265,7 @@ def test_data_errors_are_recorded_and_the_shard_goes_on(tiny_checkpoint, tmp_pat
     path = tiny_checkpoint("qwen2_vl", n_layers=2)
     loaded = load_model(_cfg(path).model)
     samples = _samples(3)
-    png = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
-    samples[1]["image"] = Image.open(io.BytesIO(png.getvalue()[:60]))  # truncated file: fails on load
+    samples[1]["image"] = _truncated_image()
     bad = DataError("t/9", "image file is truncated", index=3)
     stats, ds = _capture(loaded, _cfg(path, batch_size=2), samples + [bad], tmp_path / "run")
     status = dict(zip(ds["sample_id"].values, ds["status"].values))
@@ -512,9 +517,7 @@ def test_the_encoder_process_gives_the_same_records_and_a_lost_one_leaves_the_wo
     path = tiny_checkpoint("qwen2_vl", n_layers=2)
     loaded = load_model(_cfg(path).model)
     samples = _samples(4)
-    png = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
-    samples[2]["image"] = Image.open(io.BytesIO(png.getvalue()[:60]))  # truncated file: fails on load
+    samples[2]["image"] = _truncated_image()
     samples.append(DataError("t/9", "image file is truncated", index=4))
     real, on_this_process = capture.prompts.encode_sample, []
 
