@@ -38,7 +38,7 @@ step() {  # step SECONDS COMMAND...: run with a limit of SECONDS (or what is lef
     timeout "$limit" "$@" || { rc=$?; echo "## exit $rc: $*"; status=1; }
 }
 step 180 python3 -m pytest -q -rs --durations=10 -m gpu tests/test_gpu.py -p no:cacheprovider
-step 300 python3 -m bench.gpu_capture --no-causal
+step 360 python3 -m bench.gpu_capture --no-causal  # ~250 s on an H200: a spawned encoder process per timed run
 step 600 python3 -m bench.gpu_capture --only causal
 echo "## done in ${SECONDS} s"
 exit $status
