@@ -42,6 +42,7 @@ log = logging.getLogger("gap.capture")
 
 START_TIMEOUT_S = 600.0
 MAX_UNTRAVELLED_IN_A_ROW = 3  # then the process is given up for the thread
+IN_PROCESS = 4  # items handed to the process at once: it never waits for the next, and few are held twice
 PARENT_POLL_S = 1.0  # how often the worker checks that the capture process is alive
 _INSTALLED: Callable[[Any], Any] | None = None  # the worker process's encode function
 
@@ -105,8 +106,7 @@ class EncodeAhead:
     """``encode(item)`` for every item, in order, up to ``depth`` ahead of the reader.
 
     A background thread reads the items; it encodes them itself, or hands them to ``process``
-    (an :class:`EncoderProcess` running the same encoding) and keeps up to ``depth`` of them
-    there at once.  Items that are exceptions (a dataset's ``DataError``) are always encoded on
+    (an :class:`EncoderProcess` running the same encoding), ``IN_PROCESS`` at a time.  Items that are exceptions (a dataset's ``DataError``) are always encoded on
     the thread.  An error of the items' iterator or of ``encode`` is raised by ``next()`` in the
     loop's thread, where it happened in the order.  ``close()`` stops the thread (items it read
     ahead are dropped, not recorded).
@@ -116,8 +116,7 @@ class EncodeAhead:
 
     def __init__(self, items: Iterable[Any], encode: Callable[[Any], Any], depth: int,
                  process: EncoderProcess | None = None) -> None:
-        self._depth = max(1, depth)
-        self._queue: queue.Queue = queue.Queue(maxsize=self._depth)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._process = process
         self._untravelled = 0  # items in a row that did not travel to the process or back
@@ -130,8 +129,8 @@ class EncodeAhead:
         try:
             for item in items:
                 in_flight.append((item, self._submit(item)))
-                # on the thread (no future) each item is done at once; the process keeps `depth`
-                while in_flight and (in_flight[0][1] is None or len(in_flight) > self._depth):
+                # on the thread (no future) each item is done at once; the process keeps a few
+                while in_flight and (in_flight[0][1] is None or len(in_flight) > IN_PROCESS):
                     if not self._offer(self._result(*in_flight.popleft(), encode)):
                         return
             while in_flight:

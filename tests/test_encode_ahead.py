@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from capture import encode_ahead
 from capture.encode_ahead import EncodeAhead, EncoderProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +51,10 @@ def test_the_process_encodes_in_order_and_an_item_that_cannot_travel_is_encoded_
     assert on_the_thread == [cannot_pickle, items[3]]
 
 
-def test_items_that_keep_failing_to_travel_give_the_process_up(caplog):
+def test_items_that_keep_failing_to_travel_give_the_process_up(caplog, monkeypatch):
     # one item that cannot be pickled is the item's problem; several in a row are the way's
     # (e.g. a /dev/shm too small for the results): then the thread does all the work, once
+    monkeypatch.setattr(encode_ahead, "IN_PROCESS", 1)  # which item is where, when, is then fixed
     on_the_thread = []
 
     def here(item):
@@ -63,7 +65,7 @@ def test_items_that_keep_failing_to_travel_give_the_process_up(caplog):
     process = EncoderProcess(str)
     try:
         with caplog.at_level("DEBUG", logger="gap.capture"):
-            ahead = EncodeAhead(unpicklable + [5, 6], here, depth=1, process=process)
+            ahead = EncodeAhead(unpicklable + [5, 6], here, depth=8, process=process)
             out = list(ahead)
             ahead.close()
     finally:
