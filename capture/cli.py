@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padding of batched prompts (results do not depend on it; default right)")
     p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                    help="cap on padded tokens per batch, besides capture.batch_size")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a progress line after the first sample, then one a minute "
+                        "(what a job's log gets anyway)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is happening (INFO)")
     return p
 
