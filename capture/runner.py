@@ -310,7 +310,10 @@ class CaptureRunner:
         self.donor_source = donor_source
         self.envoy = nnsight.NNsight(loaded.model)
         self.device = loaded.input_device
-        self.head_device = loaded.model.get_output_embeddings().weight.device  # where logits are made
+        # where the LM head's input is sliced to the scored positions (the final norm's output); a
+        # norm offloaded by accelerate (weights on "meta") takes them from the CPU, as any device can
+        norm_device = loaded.final_norm().weight.device
+        self.scored_device = norm_device if norm_device.type == "cuda" else torch.device("cpu")
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.layer_slot = {layer: j for j, layer in enumerate(spec.layers)}
@@ -522,7 +525,7 @@ class CaptureRunner:
             # No KV cache: one forward does not need it (~0.5 MB per token).  The LM head projects
             # only the positions that score an answer (logits of all T would be B x T x V).
             answer_mask, scored = self._scored(host_batch)
-            keep_logits = 1 if scored is None else host_to_device(scored, self.head_device)
+            keep_logits = 1 if scored is None else host_to_device(scored, self.scored_device)
             with self.envoy.trace(**loaded.forward_inputs(batch.inputs), use_cache=False,
                                   logits_to_keep=keep_logits) as tracer:
                 outputs = tracer.cache(modules=blocks, device=None)
