@@ -639,8 +639,7 @@ def _sweep(engine: Engine, sample: "PromptSample", clean: CleanState, variants: 
             run(chunk[half:])
         except Exception as exc:  # noqa: BLE001 - one failed chunk must not abort the shard
             first = variants[chunk[0]]
-            errors.append(f"{len(chunk)} variant(s) from layer {first[0]} {first[1]} {first[2]}: "
-                          f"{one_line(exc)}")
+            errors.append(f"{len(chunk)} variant(s) from layer {first[0]} {first[1]} {first[2]}: {one_line(exc)}")
             log.debug("causal variants failed", exc_info=True)
 
     # One channel per chunk: a patched forward writes one index set, a suffix run skips the

@@ -269,7 +269,6 @@ def _retryable(writer: Any, every: bool, before: datetime | None) -> set[int]:
             and (before is None or datetime.fromisoformat(writer.committed_time[r]) < before)}
 
 
-
 def _progress_callback(bar: Any, writer: Any) -> Any:
     """``on_record`` for the runner: advance the bar, show tokens/s and GB written.
 
